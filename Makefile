@@ -1,0 +1,34 @@
+# The whole set-up is `make demo` and `make test`: each creates .venv on first
+# use, in the order ../shared/ENVIRONMENT.md explains, and is a no-op after.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.vb_installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-all demo clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): setup.py requirements/build.txt requirements/mmcv.txt requirements/runtime.txt requirements/tests.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -r requirements/build.txt
+	MMCV_WITH_OPS=1 MAX_JOBS=2 $(PIP) install --no-build-isolation -r requirements/mmcv.txt
+	$(PIP) install -r requirements/runtime.txt -r requirements/tests.txt
+	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PY) -c "import torch, torchvision.ops, mmcv.ops, mmdet.models, timm, vb_plugin; print('environment ok: torch', torch.__version__)"
+	touch $(STAMP)
+
+# Fast suite: everything except tests marked `slow`.
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Everything, slow end-to-end tests included.
+test-all: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) tools/demo.py
+
+clean-venv:
+	rm -rf $(VENV)
