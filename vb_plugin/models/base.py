@@ -1,0 +1,340 @@
+"""The backbone contract shared by every vb_plugin family.
+
+A family subclasses :class:`VBBackbone` and writes only its architecture: how
+to build the stem and stage ``i``, and under which attribute names they live.
+Everything that cuts across families is here, written once:
+
+* ``out_indices``: 0..3 are the stride-4, 8, 16 and 32 stages (C2..C5);
+  negative values count from the end; outputs come in stage order.
+* ``frozen_stages``: mmdet's meaning everywhere. -1 freezes nothing, 0 the
+  stem, ``k`` the stem and the first ``k`` stages.
+* ``norm_eval`` and ``frozen_bn``.
+* ``out_norm_cfg``: an optional norm on each output.
+* ``out_channels`` / ``out_strides`` metadata, one entry per output.
+* ``with_cp``: activation checkpointing per block.
+* Stages after the last requested output are not built.
+* ``init_cfg=dict(type='Pretrained', checkpoint=...)`` goes through the strict,
+  converting loader in :mod:`vb_plugin.weights`.
+"""
+import copy
+import numbers
+from abc import ABCMeta, abstractmethod
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.utils.checkpoint as cp
+from mmcv.cnn import build_norm_layer
+from mmengine.model import BaseModule
+from torch import nn
+
+from ..layers import freeze_batch_norms, is_batch_norm
+
+OptConfigType = Optional[dict]
+
+
+def resolve_out_indices(out_indices: Sequence[int],
+                        num_stages: int,
+                        name: str = 'out_indices') -> Tuple[int, ...]:
+    """Check ``out_indices`` and return them non-negative, in stage order.
+
+    Args:
+        out_indices (Sequence[int]): Stage indices; negative values count from
+            the end.
+        num_stages (int): Number of stages of the architecture.
+        name (str): Option name used in error messages.
+
+    Returns:
+        tuple[int, ...]: Sorted, non-negative indices.
+
+    Raises:
+        TypeError: If ``out_indices`` is not a sequence of ints.
+        ValueError: If it is empty, has values out of range or duplicates.
+
+    Example:
+        >>> resolve_out_indices((-1, 1), num_stages=4)
+        (1, 3)
+    """
+    valid = f'ints in [{-num_stages}, {num_stages - 1}]'
+    if isinstance(out_indices, (str, bytes)) or not isinstance(
+            out_indices, Sequence):
+        raise TypeError(f'{name} must be a tuple or list of {valid}, '
+                        f'got {out_indices!r} ({type(out_indices).__name__})')
+    for idx in out_indices:
+        if isinstance(idx, bool) or not isinstance(idx, numbers.Integral):
+            raise TypeError(f'{name} must contain only {valid}, got '
+                            f'{idx!r} ({type(idx).__name__}) in '
+                            f'{tuple(out_indices)!r}')
+    if len(out_indices) == 0:
+        raise ValueError(f'{name} must not be empty; valid values are {valid}')
+    bad = [i for i in out_indices if not -num_stages <= i < num_stages]
+    if bad:
+        raise ValueError(f'{name}={tuple(out_indices)!r} has {bad} out of '
+                         f'range; valid values are {valid} '
+                         f'({num_stages} stages)')
+    resolved = [int(i) % num_stages for i in out_indices]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f'{name}={tuple(out_indices)!r} names the same stage '
+                         f'twice (as non-negative indices: {resolved}); '
+                         f'give each stage once, as {valid}')
+    return tuple(sorted(resolved))
+
+
+def check_frozen_stages(frozen_stages: int, num_stages: int) -> int:
+    """Check ``frozen_stages``: -1 (nothing), 0 (stem) .. ``num_stages``.
+
+    Example:
+        >>> check_frozen_stages(2, num_stages=4)
+        2
+    """
+    if isinstance(frozen_stages, bool) or not isinstance(
+            frozen_stages, numbers.Integral):
+        raise TypeError(f'frozen_stages must be an int in [-1, {num_stages}], '
+                        f'got {frozen_stages!r} '
+                        f'({type(frozen_stages).__name__})')
+    if not -1 <= frozen_stages <= num_stages:
+        raise ValueError(
+            f'frozen_stages={frozen_stages} is out of range; valid values are '
+            f'-1 (freeze nothing), 0 (the stem) up to {num_stages} (the stem '
+            f'and all {num_stages} stages)')
+    return int(frozen_stages)
+
+
+class VBBackbone(BaseModule, metaclass=ABCMeta):
+    """Base class of every vb_plugin backbone.
+
+    A family passes its per-stage channels and strides, then implements
+    :meth:`stem_module_names`, :meth:`stage_module_names`,
+    :meth:`build_stem` and :meth:`build_stage`. This class builds what is
+    needed, runs the forward pass and applies every cross-family option.
+
+    Args:
+        stage_channels (Sequence[int]): Output channels of every stage of the
+            architecture (built or not).
+        stage_strides (Sequence[int]): Output stride (relative to the input)
+            of every stage.
+        out_indices (Sequence[int]): Stages whose outputs are returned; 0..3
+            are the stride-4..32 stages. Defaults to (0, 1, 2, 3).
+        frozen_stages (int): -1 freezes nothing, 0 the stem, ``k`` the stem
+            and the first ``k`` stages. Frozen parameters get
+            ``requires_grad=False`` and frozen modules stay in eval mode.
+            Defaults to -1.
+        norm_eval (bool): Keep every batch norm in eval mode during training.
+            Defaults to False.
+        frozen_bn (bool): Replace the batch norms of the frozen stem and
+            stages with :class:`FrozenBatchNorm2d` (same keys, same outputs).
+            Defaults to False.
+        out_norm_cfg (dict, optional): Config of a norm applied to each
+            output, e.g. ``dict(type='LN2d')``. Defaults to None.
+        with_cp (bool): Checkpoint the activations of every block during
+            training to save memory. Defaults to False.
+        init_cfg (dict | list[dict], optional): Initialisation config.
+            ``dict(type='Pretrained', checkpoint=PATH)`` loads through
+            :func:`vb_plugin.load_pretrained`, with the optional keys
+            ``source`` and ``prefix``. Defaults to None.
+    """
+
+    #: Regexes of state-dict keys a checkpoint may lack: layers that the
+    #: source models do not have. They keep their initial values.
+    new_layer_patterns: Tuple[str, ...] = (r'^out_norms\.',
+                                           r'\.num_batches_tracked$')
+
+    def __init__(self,
+                 stage_channels: Sequence[int],
+                 stage_strides: Sequence[int],
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 frozen_bn: bool = False,
+                 out_norm_cfg: OptConfigType = None,
+                 with_cp: bool = False,
+                 init_cfg=None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        if len(stage_channels) != len(stage_strides):
+            raise ValueError('stage_channels and stage_strides must have one '
+                             f'entry per stage, got {len(stage_channels)} '
+                             f'and {len(stage_strides)}')
+        self.num_stages = len(stage_channels)
+        self.stage_channels = tuple(int(c) for c in stage_channels)
+        self.stage_strides = tuple(int(s) for s in stage_strides)
+        self.out_indices = resolve_out_indices(out_indices, self.num_stages)
+        self.frozen_stages = check_frozen_stages(frozen_stages,
+                                                 self.num_stages)
+        self.norm_eval = bool(norm_eval)
+        self.frozen_bn = bool(frozen_bn)
+        self.with_cp = bool(with_cp)
+        self.out_norm_cfg = copy.deepcopy(out_norm_cfg)
+        # NOTE: stages past the last output are never built, so DDP finds no
+        # unused parameters and no compute is wasted.
+        self.num_built_stages = max(self.out_indices) + 1
+
+        self.build_stem()
+        for i in range(self.num_built_stages):
+            self.build_stage(i)
+        self._stem_names = self.stem_module_names()
+        self._stage_names = tuple(
+            self.stage_module_names(i) for i in range(self.num_built_stages))
+        if out_norm_cfg is not None:
+            self.out_norms = nn.ModuleDict({
+                str(i): build_norm_layer(out_norm_cfg,
+                                         self.stage_channels[i])[1]
+                for i in self.out_indices
+            })
+        self._freeze()
+
+    # ------------------------------------------------------------------
+    # What a family implements.
+    @abstractmethod
+    def stem_module_names(self) -> Tuple[str, ...]:
+        """Dotted names of the stem's modules, in forward order."""
+
+    @abstractmethod
+    def stage_module_names(self, i: int) -> Tuple[str, ...]:
+        """Dotted names of stage ``i``'s modules, in forward order.
+
+        It must answer for every stage, built or not: the loader uses it to
+        recognise checkpoint keys of stages that were not built.
+        """
+
+    @abstractmethod
+    def build_stem(self) -> None:
+        """Create the stem's modules under :meth:`stem_module_names`."""
+
+    @abstractmethod
+    def build_stage(self, i: int) -> None:
+        """Create stage ``i``'s modules under :meth:`stage_module_names`.
+
+        A stage that is an ``nn.Sequential`` of blocks gets per-block
+        activation checkpointing from ``with_cp``.
+        """
+
+    # ------------------------------------------------------------------
+    # Metadata.
+    @property
+    def out_channels(self) -> Tuple[int, ...]:
+        """Channels of each output, in output order."""
+        return tuple(self.stage_channels[i] for i in self.out_indices)
+
+    @property
+    def out_strides(self) -> Tuple[int, ...]:
+        """Stride of each output relative to the input, in output order."""
+        return tuple(self.stage_strides[i] for i in self.out_indices)
+
+    def unbuilt_module_names(self) -> Tuple[str, ...]:
+        """Names of the modules of the stages that were not built."""
+        return tuple(name for i in range(self.num_built_stages,
+                                         self.num_stages)
+                     for name in self.stage_module_names(i))
+
+    def stem_modules(self) -> List[nn.Module]:
+        return [self.get_submodule(n) for n in self._stem_names]
+
+    def stage_modules(self, i: int) -> List[nn.Module]:
+        if not 0 <= i < self.num_built_stages:
+            raise ValueError(f'stage {i} is not built; built stages are '
+                             f'0..{self.num_built_stages - 1}')
+        return [self.get_submodule(n) for n in self._stage_names[i]]
+
+    def frozen_module_names(self) -> Tuple[str, ...]:
+        """Names of the stem and stage modules that ``frozen_stages``
+        freezes (only built stages)."""
+        if self.frozen_stages < 0:
+            return ()
+        names = list(self._stem_names)
+        for i in range(min(self.frozen_stages, self.num_built_stages)):
+            names += self._stage_names[i]
+        return tuple(names)
+
+    # ------------------------------------------------------------------
+    # Freezing and train/eval state.
+    def _freeze(self) -> None:
+        for name in self.frozen_module_names():
+            module = self.get_submodule(name)
+            if self.frozen_bn:
+                module = freeze_batch_norms(module)
+                self._replace_module(name, module)
+            module.eval()
+            module.requires_grad_(False)
+
+    def _replace_module(self, name: str, new: nn.Module) -> None:
+        parent_name, _, child = name.rpartition('.')
+        parent = self.get_submodule(parent_name) if parent_name else self
+        setattr(parent, child, new)
+
+    def train(self, mode: bool = True) -> 'VBBackbone':
+        """Set train/eval mode, keeping frozen modules (and, with
+        ``norm_eval``, every batch norm) in eval mode."""
+        super().train(mode)
+        if mode:
+            for name in self.frozen_module_names():
+                self.get_submodule(name).eval()
+            if self.norm_eval:
+                for module in self.modules():
+                    if is_batch_norm(module):
+                        module.eval()
+        return self
+
+    # ------------------------------------------------------------------
+    # Forward.
+    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not (self.with_cp and self.training and torch.is_grad_enabled()):
+            return module(x)
+        blocks = module if isinstance(module, nn.Sequential) else [module]
+        for block in blocks:
+            x = cp.checkpoint(block, x, use_reentrant=False)
+        return x
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        for module in self.stem_modules():
+            x = module(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Return the feature maps of ``out_indices``, in stage order."""
+        x = self.forward_stem(x)
+        outs = []
+        for i in range(self.num_built_stages):
+            for module in self.stage_modules(i):
+                x = self._run(module, x)
+            if i in self.out_indices:
+                if self.out_norm_cfg is not None:
+                    outs.append(self.out_norms[str(i)](x))
+                else:
+                    outs.append(x)
+        return tuple(outs)
+
+    # ------------------------------------------------------------------
+    # Weights.
+    def init_weights(self) -> None:
+        """Initialise; ``init_cfg`` of type 'Pretrained' loads strictly.
+
+        mmengine's own ``PretrainedInit`` loads with ``strict=False`` and
+        would silently skip mismatched keys; a pretrained ``init_cfg`` is
+        therefore routed through :func:`vb_plugin.load_pretrained`.
+        """
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            from ..weights import load_pretrained
+            extra = set(cfg) - {'type', 'checkpoint', 'prefix', 'source',
+                                'map_location'}
+            if extra:
+                raise ValueError(
+                    f'init_cfg: unknown keys {sorted(extra)} for '
+                    "type='Pretrained'; allowed: checkpoint, prefix, source")
+            if 'checkpoint' not in cfg:
+                raise ValueError("init_cfg of type='Pretrained' needs "
+                                 "'checkpoint' (a file path)")
+            self.init_default_weights()
+            load_pretrained(self, cfg['checkpoint'],
+                            source=cfg.get('source', 'auto'),
+                            prefix=cfg.get('prefix'))
+            self._is_init = True
+            return
+        super().init_weights()
+        self.init_default_weights()
+
+    def init_default_weights(self) -> None:
+        """Family hook run after the default init (e.g. zero-init residuals).
+
+        Also run before pretrained weights are loaded, so layers that the
+        checkpoint lacks (``new_layer_patterns``) get their intended values.
+        """
