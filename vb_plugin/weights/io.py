@@ -1,0 +1,159 @@
+"""Reading checkpoint files safely.
+
+A checkpoint is untrusted input: unpickling it can run arbitrary code. Files
+are read with ``torch.load(weights_only=True)``, which refuses every global
+that is not allow-listed, or with safetensors. The allow-list
+:data:`SAFE_GLOBALS` holds exactly the types that mmengine's Runner writes
+into its checkpoints (numpy arrays and scalars in ``meta``, ``HistoryBuffer``
+in ``message_hub``), so detector checkpoints trained with mmdet load too.
+"""
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Dict, Tuple, Union
+
+import numpy as np
+import torch
+from mmengine.logging import HistoryBuffer
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read, recognised or loaded strictly."""
+
+
+try:  # numpy >= 2
+    from numpy._core import multiarray as _multiarray
+except ImportError:  # numpy 1.x
+    from numpy.core import multiarray as _multiarray
+
+
+def _history_buffer_method(owner: Any, name: str) -> Any:
+    """Stands in for ``getattr`` while unpickling.
+
+    mmengine's ``HistoryBuffer`` pickles its statistics methods as
+    ``getattr(HistoryBuffer, 'mean')``. Allowing the real ``getattr`` would
+    let a pickle walk from any allowed object to ``eval``; this resolves
+    only public methods of ``HistoryBuffer``.
+    """
+    method = getattr(HistoryBuffer, name, None) \
+        if owner is HistoryBuffer and not name.startswith('_') else None
+    if not callable(method):
+        raise CheckpointError(
+            f'refused getattr({owner!r}, {name!r}) while unpickling: only '
+            'public HistoryBuffer methods are allowed')
+    return method
+
+
+#: Globals that ``weights_only`` unpickling may construct, beyond torch's own:
+#: what mmengine's Runner writes into ``meta`` and ``message_hub``.
+SAFE_GLOBALS = [
+    HistoryBuffer,
+    (_history_buffer_method, 'builtins.getattr'),
+    np.ndarray,
+    np.dtype,
+    # numpy 1 and 2 write these under different module names.
+    *[(fn, f'{module}.{fn.__name__}')
+      for module in ('numpy.core.multiarray', 'numpy._core.multiarray')
+      for fn in (_multiarray._reconstruct, _multiarray.scalar)],
+    *{type(np.dtype(t)) for t in (np.float16, np.float32, np.float64,
+                                  np.int8, np.int16, np.int32, np.int64,
+                                  np.uint8, np.bool_)},
+]
+
+_URL = re.compile(r'^[a-z][a-z0-9+.-]*://', re.IGNORECASE)
+
+
+def resolve_checkpoint_path(checkpoint: PathLike) -> Path:
+    """Map ``checkpoint`` to an existing local file.
+
+    ``torchvision://NAME`` and ``http(s)://`` addresses (as written in mmdet
+    configs) are looked up in torch's hub cache
+    (``$TORCH_HOME/hub/checkpoints``), where torchvision and mmengine store
+    what they download. Nothing is downloaded here.
+
+    Raises:
+        CheckpointError: If no such local file exists.
+    """
+    text = os.fspath(checkpoint)
+    if not _URL.match(text):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f'checkpoint file not found: {text!r}')
+        return path
+    url = text
+    if text.startswith('torchvision://'):
+        from mmengine.runner.checkpoint import get_torchvision_models
+        urls = get_torchvision_models()
+        name = text[len('torchvision://'):]
+        if name not in urls:
+            raise CheckpointError(
+                f'checkpoint {text!r}: unknown torchvision model {name!r}; '
+                f'known names include {sorted(urls)[:8]}')
+        url = urls[name]
+    cached = Path(torch.hub.get_dir()) / 'checkpoints' / url.split('/')[-1]
+    if cached.is_file():
+        return cached
+    raise CheckpointError(
+        f'checkpoint {text!r} is not on this machine: vb_plugin reads local '
+        f'files only and expected {str(cached)!r}. Download {url} to that '
+        'path, or give a local file path.')
+
+
+def read_checkpoint(checkpoint: PathLike) -> Any:
+    """Read a ``.pth``/``.pt``/``.bin``/``.ckpt`` or ``.safetensors`` file.
+
+    Pickled files are read with ``weights_only=True`` and the
+    :data:`SAFE_GLOBALS` allow-list; a file that needs anything else (for
+    example, one that tries to run code) is refused before it runs.
+
+    Raises:
+        CheckpointError: If the file is missing or refused.
+    """
+    path = resolve_checkpoint_path(checkpoint)
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        return load_file(str(path), device='cpu')
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with context
+        raise CheckpointError(
+            f'refused to read {str(path)!r} with weights_only=True: it needs '
+            'something beyond tensors, containers and the allow-listed '
+            'types, and unpickling untrusted data can run code. '
+            f'Reason: {err}') from err
+
+
+def extract_state_dict(obj: Any) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Find the state dict in a checkpoint object.
+
+    Accepts a bare state dict or one nested under ``state_dict``, ``model``
+    or ``module`` (mmengine, official releases, DeepSpeed), and strips a
+    DataParallel ``module.`` prefix.
+
+    Returns:
+        tuple: The state dict and the container key it came from ('' for a
+        bare state dict).
+    """
+    container = ''
+    if isinstance(obj, Mapping):
+        for key in ('state_dict', 'model', 'module'):
+            if isinstance(obj.get(key), Mapping):
+                obj, container = obj[key], key
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError('checkpoint holds no state dict (expected a '
+                              f'mapping of tensors, got {type(obj).__name__})')
+    not_tensors = [k for k, v in obj.items() if not torch.is_tensor(v)]
+    if not_tensors:
+        raise CheckpointError(
+            f'checkpoint {container or "root"} is not a state dict: '
+            f'{len(not_tensors)} entries are not tensors, e.g. '
+            f'{not_tensors[:5]}')
+    state = dict(obj)
+    if all(k.startswith('module.') for k in state):
+        state = {k[len('module.'):]: v for k, v in state.items()}
+    return state, container

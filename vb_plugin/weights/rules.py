@@ -1,0 +1,110 @@
+"""Checkpoint converters as data: each source is a named list of renames.
+
+A family lists its sources in order. Each source is recognised by a tell-tale
+key, then its rename rules are applied in order to every key, and keys it
+marks as heads are dropped (and reported). Nothing is guessed: a key that no
+rule maps onto the model makes the strict loader fail.
+"""
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence, Tuple, Union
+
+import torch
+
+from .io import CheckpointError
+
+Replacement = Union[str, Callable[['re.Match'], str]]
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """One checkpoint layout and the renames that map it onto the model.
+
+    Args:
+        name (str): Short name, e.g. 'hf'.
+        description (str): What produces this layout.
+        detect (str): Regex; the layout is recognised when a key matches it.
+        rules (tuple): Ordered ``(pattern, replacement)`` pairs for
+            ``re.sub``; a replacement may be a function of the match.
+        drop (tuple): Regexes of keys that are dropped as expected, such as
+            a classifier head.
+        aliases (tuple): Other names a user may give as ``source``.
+
+    Example:
+        >>> src = WeightSource('demo', 'a demo', detect=r'^fc\\.',
+        ...                    rules=((r'^body\\.', ''), ), drop=(r'^fc\\.', ))
+        >>> sorted(src.convert({'body.w': 1, 'fc.w': 2})[0])
+        ['w']
+    """
+    name: str
+    description: str
+    detect: str
+    rules: Tuple[Tuple[str, Replacement], ...] = ()
+    drop: Tuple[str, ...] = ()
+    aliases: Tuple[str, ...] = ()
+
+    def matches(self, keys: Sequence[str]) -> bool:
+        return any(re.search(self.detect, k) for k in keys)
+
+    def convert(self, state: Dict[str, torch.Tensor]
+                ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+        """Rename ``state``'s keys; return the result and the dropped keys."""
+        out, dropped = {}, []
+        for key, value in state.items():
+            if any(re.search(p, key) for p in self.drop):
+                dropped.append(key)
+                continue
+            new = key
+            for pattern, repl in self.rules:
+                new = re.sub(pattern, repl, new)
+            if new in out:
+                raise CheckpointError(
+                    f'{self.name} rules map two keys onto {new!r} (one is '
+                    f'{key!r}); the checkpoint does not have this layout')
+            out[new] = value
+        return out, dropped
+
+
+def stage_plus_one(template: str) -> Callable[['re.Match'], str]:
+    """A replacement that writes group 1 plus one, e.g. 0-based stages into
+    mmdet's 1-based ``layer{n}`` names.
+
+    Example:
+        >>> re.sub(r'stages\\.(\\d+)', stage_plus_one('layer{}'), 'stages.0')
+        'layer1'
+    """
+
+    def repl(match: 're.Match') -> str:
+        return template.format(int(match.group(1)) + 1, *match.groups()[1:])
+
+    return repl
+
+
+def select_source(sources: Sequence[WeightSource], keys: Sequence[str],
+                  source: str = 'auto') -> WeightSource:
+    """Pick the layout of ``keys`` among ``sources``.
+
+    Args:
+        sources: The family's layouts, in detection order.
+        keys: The checkpoint's keys.
+        source: 'auto', or a name or alias that narrows the candidates.
+
+    Raises:
+        CheckpointError: If no candidate recognises the keys.
+    """
+    names = sorted({n for s in sources for n in (s.name, *s.aliases)})
+    if source == 'auto':
+        candidates = list(sources)
+    else:
+        candidates = [s for s in sources if source in (s.name, *s.aliases)]
+        if not candidates:
+            raise CheckpointError(
+                f'source={source!r} is not known for this backbone; valid '
+                f"values are 'auto' or one of {names}")
+    for candidate in candidates:
+        if candidate.matches(keys):
+            return candidate
+    raise CheckpointError(
+        f'checkpoint layout not recognised (source={source!r}); known '
+        f'layouts: {[s.name + ": " + s.description for s in candidates]}. '
+        f'First keys: {list(keys)[:6]}')
