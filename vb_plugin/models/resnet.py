@@ -1,0 +1,259 @@
+"""ResNet, ResNet-V1c and ResNet-V1d as a vb_plugin backbone.
+
+"Deep Residual Learning for Image Recognition", He et al., CVPR 2016, and
+"Bag of Tricks for Image Classification with Convolutional Neural Networks",
+He et al., CVPR 2019 (the V1c deep stem and V1d average-pool shortcut).
+
+The blocks are mmdet's own ``BasicBlock``/``Bottleneck`` and ``ResLayer``, so
+module names, state-dict keys and numerics are those of mmdet's ``ResNet``:
+its checkpoints load unchanged. Weights in torchvision, timm and HF
+transformers layouts load through the rules in
+:mod:`vb_plugin.weights.resnet`. The torchvision and timm ImageNet weights are
+BSD-3-Clause and Apache-2.0 licensed respectively.
+"""
+import copy
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Type
+
+from mmcv.cnn import build_conv_layer, build_norm_layer
+from mmdet.models.backbones.resnet import BasicBlock, Bottleneck
+from mmdet.models.layers import ResLayer
+from mmengine.registry import MODELS
+from torch import nn
+
+from ..weights.resnet import RESNET_SOURCES
+from .base import OptConfigType, VBBackbone
+
+
+@dataclass(frozen=True)
+class ResNetArch:
+    """One row of the ResNet table: block type and blocks per stage."""
+    block: Type[nn.Module]
+    stage_blocks: Tuple[int, ...]
+
+
+RESNET_ARCHS = {
+    18: ResNetArch(BasicBlock, (2, 2, 2, 2)),
+    34: ResNetArch(BasicBlock, (3, 4, 6, 3)),
+    50: ResNetArch(Bottleneck, (3, 4, 6, 3)),
+    101: ResNetArch(Bottleneck, (3, 4, 23, 3)),
+    152: ResNetArch(Bottleneck, (3, 8, 36, 3)),
+}
+
+
+def _check_per_stage(name: str, value: Sequence, num_stages: int) -> tuple:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) \
+            or len(value) != num_stages:
+        raise ValueError(f'{name} must have one entry per stage '
+                         f'({num_stages}), got {value!r}')
+    return tuple(value)
+
+
+@MODELS.register_module()
+class VBResNet(VBBackbone):
+    """ResNet backbone (V1, V1c with ``deep_stem``, V1d with ``avg_down``).
+
+    Module names follow mmdet's ``ResNet``, so its state dicts load as they
+    are. Every option of the shared contract is described in
+    :class:`VBBackbone`.
+
+    Args:
+        depth (int): 18, 34, 50, 101 or 152.
+        in_channels (int): Input image channels. Defaults to 3.
+        stem_channels (int, optional): Stem width. Defaults to
+            ``base_channels``.
+        base_channels (int): Width of the first stage. Defaults to 64.
+        num_stages (int): Number of stages of the architecture, 1..4 (as in
+            mmdet). Defaults to 4.
+        strides (Sequence[int], optional): Stride of the first block of each
+            stage. Defaults to (1, 2, 2, 2), cut to ``num_stages``.
+        dilations (Sequence[int], optional): Dilation of each stage. Defaults
+            to all 1. With ``strides=(1, 2, 1, 1)`` and
+            ``dilations=(1, 1, 2, 4)`` the output stride is 8.
+        style (str): 'pytorch' puts the stride on the 3x3 conv, 'caffe' on
+            the first 1x1 conv. Defaults to 'pytorch'.
+        deep_stem (bool): Three 3x3 convs as the stem (V1c). Defaults to
+            False.
+        avg_down (bool): Average pool before the shortcut conv (V1d).
+            Defaults to False.
+        conv_cfg (dict, optional): Convolution config. Defaults to None.
+        norm_cfg (dict): Norm config, e.g. BN, SyncBN or GN. Defaults to
+            ``dict(type='BN', requires_grad=True)``.
+        dcn (dict, optional): Deformable conv config for the 3x3 convs, e.g.
+            ``dict(type='DCNv2', deform_groups=1)``. Bottleneck depths only.
+            Defaults to None.
+        stage_with_dcn (Sequence[bool], optional): Which stages use ``dcn``.
+            Defaults to all stages.
+        zero_init_residual (bool): Zero the last norm of each block so that
+            each residual branch starts as identity. Defaults to True.
+        out_indices, frozen_stages, norm_eval, frozen_bn, out_norm_cfg,
+        with_cp, init_cfg: See :class:`VBBackbone`.
+
+    Example:
+        >>> import torch
+        >>> from vb_plugin import VBResNet
+        >>> model = VBResNet(depth=18, out_indices=(1, 3)).eval()
+        >>> [tuple(o.shape) for o in model(torch.rand(1, 3, 64, 64))]
+        [(1, 128, 8, 8), (1, 512, 2, 2)]
+        >>> model.out_channels, model.out_strides
+        ((128, 512), (8, 32))
+    """
+
+    arch_settings = RESNET_ARCHS
+    weight_sources = RESNET_SOURCES
+
+    def __init__(self,
+                 depth: int,
+                 in_channels: int = 3,
+                 stem_channels: Optional[int] = None,
+                 base_channels: int = 64,
+                 num_stages: int = 4,
+                 strides: Optional[Sequence[int]] = None,
+                 dilations: Optional[Sequence[int]] = None,
+                 style: str = 'pytorch',
+                 deep_stem: bool = False,
+                 avg_down: bool = False,
+                 conv_cfg: OptConfigType = None,
+                 norm_cfg: dict = dict(type='BN', requires_grad=True),
+                 dcn: OptConfigType = None,
+                 stage_with_dcn: Optional[Sequence[bool]] = None,
+                 zero_init_residual: bool = True,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 frozen_bn: bool = False,
+                 out_norm_cfg: OptConfigType = None,
+                 with_cp: bool = False,
+                 init_cfg=None) -> None:
+        if depth not in RESNET_ARCHS:
+            raise ValueError(f'depth={depth!r} is not a ResNet depth; valid '
+                             f'values are {sorted(RESNET_ARCHS)}')
+        if num_stages not in (1, 2, 3, 4):
+            raise ValueError(
+                f'num_stages={num_stages!r} is out of range; valid values '
+                'are 1, 2, 3, 4')
+        if style not in ('pytorch', 'caffe'):
+            raise ValueError(f"style={style!r} is not valid; use 'pytorch' "
+                             "or 'caffe'")
+        self.arch = RESNET_ARCHS[depth]
+        if dcn is not None and self.arch.block is not Bottleneck:
+            raise ValueError(f'dcn is only supported for Bottleneck depths '
+                             f'(50, 101, 152), got depth={depth}')
+        self.depth = depth
+        self.in_channels = in_channels
+        self.base_channels = base_channels
+        self.stem_channels = stem_channels or base_channels
+        self.strides = _check_per_stage(
+            'strides', (1, 2, 2, 2)[:num_stages] if strides is None else
+            strides, num_stages)
+        self.dilations = _check_per_stage(
+            'dilations', (1, ) * num_stages if dilations is None else
+            dilations, num_stages)
+        self.stage_with_dcn = _check_per_stage(
+            'stage_with_dcn', (True, ) * num_stages
+            if stage_with_dcn is None else stage_with_dcn, num_stages)
+        self.style = style
+        self.deep_stem = deep_stem
+        self.avg_down = avg_down
+        self.conv_cfg = copy.deepcopy(conv_cfg)
+        self.norm_cfg = copy.deepcopy(norm_cfg)
+        self.dcn = copy.deepcopy(dcn)
+        self.zero_init_residual = zero_init_residual
+        # mmdet names the stem norm after its type: bn1, gn1, ...
+        self.norm1_name = build_norm_layer(norm_cfg, self.stem_channels,
+                                           postfix=1)[0]
+        if dcn is not None:
+            # NOTE: a checkpoint without DCN (e.g. ImageNet weights) has no
+            # offset convs; they start at zero, i.e. as a plain conv.
+            self.new_layer_patterns = self.new_layer_patterns + (
+                r'\.conv_offset\.', )
+
+        expansion = self.arch.block.expansion
+        stage_channels, stage_strides, stride = [], [], 4
+        for i in range(num_stages):
+            stride *= self.strides[i]
+            stage_channels.append(base_channels * 2**i * expansion)
+            stage_strides.append(stride)
+        if init_cfg is None:
+            init_cfg = [
+                dict(type='Kaiming', layer='Conv2d'),
+                dict(type='Constant', val=1,
+                     layer=['_BatchNorm', 'GroupNorm'])
+            ]
+        super().__init__(
+            stage_channels=stage_channels,
+            stage_strides=stage_strides,
+            out_indices=out_indices,
+            frozen_stages=frozen_stages,
+            norm_eval=norm_eval,
+            frozen_bn=frozen_bn,
+            out_norm_cfg=out_norm_cfg,
+            with_cp=with_cp,
+            init_cfg=init_cfg)
+
+    def stem_module_names(self) -> Tuple[str, ...]:
+        if self.deep_stem:
+            return ('stem', 'maxpool')
+        return ('conv1', self.norm1_name, 'relu', 'maxpool')
+
+    def stage_module_names(self, i: int) -> Tuple[str, ...]:
+        return (f'layer{i + 1}', )
+
+    def build_stem(self) -> None:
+        half = self.stem_channels // 2
+        if self.deep_stem:
+            layers = []
+            for cin, cout, stride in ((self.in_channels, half, 2),
+                                      (half, half, 1),
+                                      (half, self.stem_channels, 1)):
+                layers += [
+                    build_conv_layer(self.conv_cfg, cin, cout, 3,
+                                     stride=stride, padding=1, bias=False),
+                    build_norm_layer(self.norm_cfg, cout)[1],
+                    nn.ReLU(inplace=True)
+                ]
+            self.stem = nn.Sequential(*layers)
+        else:
+            self.conv1 = build_conv_layer(self.conv_cfg, self.in_channels,
+                                          self.stem_channels, 7, stride=2,
+                                          padding=3, bias=False)
+            self.add_module(
+                self.norm1_name,
+                build_norm_layer(self.norm_cfg, self.stem_channels)[1])
+            self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    def build_stage(self, i: int) -> None:
+        expansion = self.arch.block.expansion
+        planes = self.base_channels * 2**i
+        inplanes = (self.stem_channels
+                    if i == 0 else self.base_channels * 2**(i - 1) * expansion)
+        self.add_module(
+            f'layer{i + 1}',
+            ResLayer(
+                block=self.arch.block,
+                inplanes=inplanes,
+                planes=planes,
+                num_blocks=self.arch.stage_blocks[i],
+                stride=self.strides[i],
+                dilation=self.dilations[i],
+                style=self.style,
+                avg_down=self.avg_down,
+                conv_cfg=self.conv_cfg,
+                norm_cfg=self.norm_cfg,
+                # NOTE: mmdet's Bottleneck pops keys from its dcn dict, so
+                # each stage gets its own copy.
+                dcn=copy.deepcopy(self.dcn) if self.stage_with_dcn[i] else
+                None))
+
+    def init_default_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                if self.zero_init_residual:
+                    last = m.norm3 if isinstance(m, Bottleneck) else m.norm2
+                    if getattr(last, 'weight', None) is not None:
+                        nn.init.zeros_(last.weight)
+                offset = getattr(m.conv2, 'conv_offset', None)
+                if offset is not None:
+                    nn.init.zeros_(offset.weight)
+                    nn.init.zeros_(offset.bias)
