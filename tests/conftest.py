@@ -1,0 +1,48 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import vb_plugin  # noqa: F401  (registers the backbones)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    yield
+
+
+def pytest_configure(config):
+    torch.set_num_threads(2)
+    config.addinivalue_line(
+        'markers', 'slow: end-to-end tests left out of `make test`; run '
+        'them with `make test-all`')
+
+
+def max_abs_diff(a, b) -> float:
+    """Largest absolute difference between two tensors or tuples of them."""
+    if isinstance(a, (tuple, list)):
+        assert len(a) == len(b), (len(a), len(b))
+        return max(max_abs_diff(x, y) for x, y in zip(a, b))
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture
+def save_state(tmp_path):
+    """Save a state dict (or any object) with torch.save; return the path."""
+    counter = iter(range(10**6))
+
+    def save(obj, name=None):
+        path = tmp_path / (name or f'ckpt{next(counter)}.pth')
+        if str(path).endswith('.safetensors'):
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in obj.items()}, str(path))
+        else:
+            torch.save(obj, path)
+        return path
+
+    return save
