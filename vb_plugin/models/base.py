@@ -283,6 +283,11 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
             x = cp.checkpoint(block, x, use_reentrant=False)
         return x
 
+    def stage_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Family hook: turn stage ``i``'s result into an NCHW output (e.g.
+        from NHWC). The next stage still receives the untouched ``x``."""
+        return x
+
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         for module in self.stem_modules():
             x = module(x)
@@ -296,10 +301,10 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
             for module in self.stage_modules(i):
                 x = self._run(module, x)
             if i in self.out_indices:
+                out = self.stage_output(i, x)
                 if self.out_norm_cfg is not None:
-                    outs.append(self.out_norms[str(i)](x))
-                else:
-                    outs.append(x)
+                    out = self.out_norms[str(i)](out)
+                outs.append(out)
         return tuple(outs)
 
     # ------------------------------------------------------------------
