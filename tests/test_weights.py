@@ -132,6 +132,7 @@ def test_prefix_and_containers(save_state):
     sd = src.state_dict()
     for wrapped, prefix in [
         ({'model': sd}, None),
+        ({'model_state': sd, 'epoch': 3}, None),
         ({f'module.{k}': v for k, v in sd.items()}, None),
         ({'state_dict': {f'encoder.body.{k}': v for k, v in sd.items()}},
          'encoder.body.'),
@@ -163,6 +164,26 @@ def test_missing_file_and_uncached_url(tmp_path, monkeypatch):
                        match=r"checkpoint 'torchvision://resnet18' is not "
                        r'on this machine: vb_plugin reads local files only'):
         load_pretrained(VBResNet(depth=18), 'torchvision://resnet18')
+
+
+def test_open_mmlab_scheme_reads_hub_cache(tmp_path, monkeypatch):
+    from mmengine.runner.checkpoint import get_external_models
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    cache = tmp_path / 'torch' / 'hub' / 'checkpoints'
+    cache.mkdir(parents=True)
+    src = VBResNet(depth=50, style='caffe')
+    url = get_external_models()['detectron2/resnet50_caffe']
+    torch.save(src.state_dict(), cache / url.split('/')[-1])
+    for address in ('open-mmlab://detectron2/resnet50_caffe',
+                    'openmmlab://detectron2/resnet50_caffe'):
+        model = VBResNet(depth=50, style='caffe')
+        load_pretrained(model, address, verbose=False)
+        assert torch.equal(model.layer3[0].conv2.weight,
+                           src.layer3[0].conv2.weight)
+    with pytest.raises(CheckpointError,
+                       match=r"checkpoint 'open-mmlab://nope': unknown "
+                       r"open-mmlab model 'nope'; known names include"):
+        load_pretrained(model, 'open-mmlab://nope')
 
 
 def test_torchvision_scheme_reads_hub_cache(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from mmcv.ops import SyncBatchNorm as MMCVSyncBatchNorm
 from mmengine.registry import MODELS
 from timm.layers import BatchNormAct2d, LayerNorm2d
+from timm.layers.norm_act import SyncBatchNormAct
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -103,8 +104,9 @@ class FrozenBatchNormAct2d(FrozenBatchNorm2d):
     @classmethod
     def from_batch_norm(cls, bn: nn.Module) -> 'FrozenBatchNormAct2d':
         frozen = super().from_batch_norm(bn)
-        frozen.drop = bn.drop
-        frozen.act = bn.act
+        # timm's SyncBatchNormAct gets drop/act only from its converter.
+        frozen.drop = getattr(bn, 'drop', nn.Identity())
+        frozen.act = getattr(bn, 'act', nn.Identity())
         return frozen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +125,7 @@ def freeze_batch_norms(module: nn.Module) -> nn.Module:
         >>> type(m[1]).__name__
         'FrozenBatchNorm2d'
     """
-    if isinstance(module, BatchNormAct2d):
+    if isinstance(module, (BatchNormAct2d, SyncBatchNormAct)):
         return FrozenBatchNormAct2d.from_batch_norm(module)
     if is_batch_norm(module):
         return FrozenBatchNorm2d.from_batch_norm(module)

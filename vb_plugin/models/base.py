@@ -220,10 +220,12 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
         return tuple(self.stage_strides[i] for i in self.out_indices)
 
     def unbuilt_module_names(self) -> Tuple[str, ...]:
-        """Names of the modules of the stages that were not built."""
+        """Names of the modules of the stages that were not built, with
+        their output norms (which checkpoints of other runs may have)."""
         return tuple(name for i in range(self.num_built_stages,
                                          self.num_stages)
-                     for name in self.stage_module_names(i))
+                     for name in (*self.stage_module_names(i),
+                                  f'out_norms.{i}'))
 
     def stem_modules(self) -> List[nn.Module]:
         return [self.get_submodule(n) for n in self._stem_names]
@@ -246,6 +248,12 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
 
     # ------------------------------------------------------------------
     # Freezing and train/eval state.
+    def stem_parameter_names(self) -> Tuple[str, ...]:
+        """Family hook: stem parameters that live outside the stem's modules
+        (e.g. a ViT's ``pos_embed``, held by the model itself). Frozen with
+        the stem."""
+        return ()
+
     def _freeze(self) -> None:
         for name in self.frozen_module_names():
             module = self.get_submodule(name)
@@ -254,6 +262,9 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
                 self._replace_module(name, module)
             module.eval()
             module.requires_grad_(False)
+        if self.frozen_stages >= 0:
+            for name in self.stem_parameter_names():
+                self.get_parameter(name).requires_grad_(False)
 
     def _replace_module(self, name: str, new: nn.Module) -> None:
         parent_name, _, child = name.rpartition('.')
@@ -270,7 +281,9 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
             if self.norm_eval:
                 for module in self.modules():
                     if is_batch_norm(module):
-                        module.eval()
+                        # NOTE: the norm only: a norm-act layer's (timm's
+                        # BatchNormAct2d) drop and act children keep `mode`.
+                        module.training = False
         return self
 
     # ------------------------------------------------------------------

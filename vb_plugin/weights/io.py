@@ -48,7 +48,8 @@ def _history_buffer_method(owner: Any, name: str) -> Any:
 
 
 #: Globals that ``weights_only`` unpickling may construct, beyond torch's own:
-#: what mmengine's Runner writes into ``meta`` and ``message_hub``.
+#: what mmengine's Runner writes into ``meta`` and ``message_hub``, and the
+#: numpy RNG state that :class:`vb_plugin.engine.RNGStateHook` saves.
 SAFE_GLOBALS = [
     HistoryBuffer,
     (_history_buffer_method, 'builtins.getattr'),
@@ -60,7 +61,8 @@ SAFE_GLOBALS = [
       for fn in (_multiarray._reconstruct, _multiarray.scalar)],
     *{type(np.dtype(t)) for t in (np.float16, np.float32, np.float64,
                                   np.int8, np.int16, np.int32, np.int64,
-                                  np.uint8, np.bool_)},
+                                  np.uint8, np.uint16, np.uint32, np.uint64,
+                                  np.bool_)},
 ]
 
 _URL = re.compile(r'^[a-z][a-z0-9+.-]*://', re.IGNORECASE)
@@ -69,8 +71,8 @@ _URL = re.compile(r'^[a-z][a-z0-9+.-]*://', re.IGNORECASE)
 def resolve_checkpoint_path(checkpoint: PathLike) -> Path:
     """Map ``checkpoint`` to an existing local file.
 
-    ``torchvision://NAME`` and ``http(s)://`` addresses (as written in mmdet
-    configs) are looked up in torch's hub cache
+    ``torchvision://NAME``, ``open-mmlab://NAME`` and ``http(s)://``
+    addresses (as written in mmdet configs) are looked up in torch's hub cache
     (``$TORCH_HOME/hub/checkpoints``), where torchvision and mmengine store
     what they download. Nothing is downloaded here.
 
@@ -84,13 +86,16 @@ def resolve_checkpoint_path(checkpoint: PathLike) -> Path:
             raise CheckpointError(f'checkpoint file not found: {text!r}')
         return path
     url = text
-    if text.startswith('torchvision://'):
-        from mmengine.runner.checkpoint import get_torchvision_models
-        urls = get_torchvision_models()
-        name = text[len('torchvision://'):]
+    scheme, name = text.split('://', 1)
+    if scheme in ('torchvision', 'open-mmlab', 'openmmlab'):
+        from mmengine.runner import checkpoint as mmengine_ckpt
+        urls = mmengine_ckpt.get_torchvision_models() \
+            if scheme == 'torchvision' else mmengine_ckpt.get_external_models()
+        name = mmengine_ckpt.get_deprecated_model_names().get(name, name) \
+            if scheme != 'torchvision' else name
         if name not in urls:
             raise CheckpointError(
-                f'checkpoint {text!r}: unknown torchvision model {name!r}; '
+                f'checkpoint {text!r}: unknown {scheme} model {name!r}; '
                 f'known names include {sorted(urls)[:8]}')
         url = urls[name]
     cached = Path(torch.hub.get_dir()) / 'checkpoints' / url.split('/')[-1]
@@ -102,12 +107,16 @@ def resolve_checkpoint_path(checkpoint: PathLike) -> Path:
         'path, or give a local file path.')
 
 
-def read_checkpoint(checkpoint: PathLike) -> Any:
+def read_checkpoint(checkpoint: PathLike, map_location: Any = 'cpu') -> Any:
     """Read a ``.pth``/``.pt``/``.bin``/``.ckpt`` or ``.safetensors`` file.
 
     Pickled files are read with ``weights_only=True`` and the
     :data:`SAFE_GLOBALS` allow-list; a file that needs anything else (for
     example, one that tries to run code) is refused before it runs.
+
+    Args:
+        checkpoint (str | Path): See :func:`resolve_checkpoint_path`.
+        map_location: As for ``torch.load``. Defaults to 'cpu'.
 
     Raises:
         CheckpointError: If the file is missing or refused.
@@ -115,10 +124,12 @@ def read_checkpoint(checkpoint: PathLike) -> Any:
     path = resolve_checkpoint_path(checkpoint)
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
-        return load_file(str(path), device='cpu')
+        device = map_location if isinstance(map_location, str) else 'cpu'
+        return load_file(str(path), device=device)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location=map_location,
+                              weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with context
         raise CheckpointError(
             f'refused to read {str(path)!r} with weights_only=True: it needs '
@@ -130,9 +141,9 @@ def read_checkpoint(checkpoint: PathLike) -> Any:
 def extract_state_dict(obj: Any) -> Tuple[Dict[str, torch.Tensor], str]:
     """Find the state dict in a checkpoint object.
 
-    Accepts a bare state dict or one nested under ``state_dict``, ``model``
-    or ``module`` (mmengine, official releases, DeepSpeed), and strips a
-    DataParallel ``module.`` prefix.
+    Accepts a bare state dict or one nested under ``state_dict``, ``model``,
+    ``module`` or ``model_state`` (mmengine, official releases, DeepSpeed,
+    pycls), and strips a DataParallel ``module.`` prefix.
 
     Returns:
         tuple: The state dict and the container key it came from ('' for a
@@ -140,7 +151,7 @@ def extract_state_dict(obj: Any) -> Tuple[Dict[str, torch.Tensor], str]:
     """
     container = ''
     if isinstance(obj, Mapping):
-        for key in ('state_dict', 'model', 'module'):
+        for key in ('state_dict', 'model', 'module', 'model_state'):
             if isinstance(obj.get(key), Mapping):
                 obj, container = obj[key], key
                 break
@@ -157,3 +168,19 @@ def extract_state_dict(obj: Any) -> Tuple[Dict[str, torch.Tensor], str]:
     if all(k.startswith('module.') for k in state):
         state = {k[len('module.'):]: v for k, v in state.items()}
     return state, container
+
+
+def install_safe_mmengine_loader() -> None:
+    """Make mmengine read local checkpoints with :func:`read_checkpoint`.
+
+    mmengine 0.10.7 calls ``torch.load`` without ``weights_only``. On torch
+    >= 2.6 that means ``weights_only=True`` without the types its own Runner
+    writes, so ``--resume`` and ``load_from`` fail with ``UnpicklingError``;
+    on older torch it means unpickling arbitrary code. This replaces
+    mmengine's loader for local paths (``load_checkpoint``,
+    ``Runner.resume``, ``load_from``, ``PretrainedInit``) with the safe
+    reader and its exact allow-list. ``import vb_plugin`` calls it.
+    """
+    from mmengine.runner.checkpoint import CheckpointLoader
+    CheckpointLoader.register_scheme(
+        prefixes='', loader=read_checkpoint, force=True)

@@ -91,7 +91,8 @@ def load_pretrained(model: nn.Module,
     tensor must come from the checkpoint (except the model's declared new
     layers) with the right shape, and every checkpoint tensor must be used
     (except those dropped as expected: classifier heads, keys outside the
-    prefix, stages that ``out_indices`` left unbuilt). Otherwise nothing is
+    prefix, stages that ``out_indices`` left unbuilt, output norms of stages
+    that are not outputs). Otherwise nothing is
     loaded and :class:`CheckpointError` lists the problems.
 
     Args:
@@ -137,8 +138,17 @@ def load_pretrained(model: nn.Module,
     not_built = [k for k in converted if k.startswith(unbuilt)]
     if not_built:
         dropped['stage not built (past the last out_indices)'] = not_built
+    # Output norms of built stages that are not outputs (a detector trained
+    # with other out_indices has them).
+    not_output = tuple(f'out_norms.{i}.' for i in range(
+        model.num_built_stages) if i not in model.out_indices)
+    unused_norms = [k for k in converted
+                    if k not in target and k.startswith(not_output)]
+    if unused_norms:
+        dropped['output norm of a stage not in out_indices'] = unused_norms
     unexpected = [
-        k for k in converted if k not in target and not k.startswith(unbuilt)
+        k for k in converted if k not in target
+        and not k.startswith(unbuilt) and not k.startswith(not_output)
     ]
     missing, kept = [], []
     for k in target:

@@ -29,6 +29,9 @@ class WeightSource:
         drop (tuple): Regexes of keys that are dropped as expected, such as
             a classifier head.
         aliases (tuple): Other names a user may give as ``source``.
+        reshape (tuple): ``(pattern, fn)`` pairs applied to the value of
+            every renamed key that matches ``pattern`` (e.g. a GRN gamma
+            stored as (1, 1, 1, C)). The strict loader still checks shapes.
 
     Example:
         >>> src = WeightSource('demo', 'a demo', detect=r'^fc\\.',
@@ -42,6 +45,8 @@ class WeightSource:
     rules: Tuple[Tuple[str, Replacement], ...] = ()
     drop: Tuple[str, ...] = ()
     aliases: Tuple[str, ...] = ()
+    reshape: Tuple[Tuple[str, Callable[[torch.Tensor], torch.Tensor]],
+                   ...] = ()
 
     def matches(self, keys: Sequence[str]) -> bool:
         return any(re.search(self.detect, k) for k in keys)
@@ -57,6 +62,9 @@ class WeightSource:
             new = key
             for pattern, repl in self.rules:
                 new = re.sub(pattern, repl, new)
+            for pattern, fn in self.reshape:
+                if re.search(pattern, new):
+                    value = fn(value)
             if new in out:
                 raise CheckpointError(
                     f'{self.name} rules map two keys onto {new!r} (one is '

@@ -1,0 +1,75 @@
+"""Shared layers: batch-norm detection and freezing."""
+import pytest
+import torch
+import torch.distributed as dist
+from mmcv.ops import SyncBatchNorm as MMCVSyncBatchNorm
+from timm.layers import BatchNormAct2d
+from timm.layers import convert_sync_batchnorm
+from torch import nn
+
+from vb_plugin.layers import (FrozenBatchNorm2d, FrozenBatchNormAct2d,
+                              freeze_batch_norms, is_batch_norm)
+
+
+def randomized(bn):
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    return bn.eval()
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group: mmcv's SyncBN needs one to be built."""
+    dist.init_process_group('gloo', rank=0, world_size=1,
+                            init_method=f'file://{tmp_path}/pg')
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('make', [
+    lambda: nn.BatchNorm2d(4),
+    lambda: nn.SyncBatchNorm(4),
+    lambda: MMCVSyncBatchNorm(4),
+])
+def test_batch_norms_freeze_to_same_keys_and_outputs(make, process_group):
+    bn = randomized(make())
+    assert is_batch_norm(bn)
+    frozen = freeze_batch_norms(bn)
+    assert type(frozen) is FrozenBatchNorm2d
+    assert list(frozen.state_dict()) == list(bn.state_dict())
+    assert list(frozen.parameters()) == []
+    if not isinstance(bn, MMCVSyncBatchNorm):  # its forward needs a GPU
+        x = torch.randn(2, 4, 5, 5)
+        assert torch.equal(frozen(x), bn(x))
+
+
+@pytest.mark.parametrize('sync', [False, True])
+def test_norm_act_keeps_its_activation_when_frozen(sync):
+    bn = BatchNormAct2d(4, act_layer=nn.ReLU)
+    if sync:  # timm's SyncBatchNormAct, as timm's converter makes it
+        bn = convert_sync_batchnorm(nn.Sequential(bn))[0]
+        assert type(bn).__name__ == 'SyncBatchNormAct'
+    bn = randomized(bn)
+    frozen = freeze_batch_norms(nn.Sequential(bn))[0]
+    assert type(frozen) is FrozenBatchNormAct2d
+    assert isinstance(frozen.act, nn.ReLU)
+    x = torch.randn(2, 4, 5, 5)
+    out = frozen(x)
+    assert torch.equal(out, bn(x))
+    assert out.min() >= 0
+
+
+def test_non_batch_norms_are_left_alone():
+    for m in (nn.GroupNorm(2, 4), nn.LayerNorm(4), nn.InstanceNorm2d(4)):
+        assert not is_batch_norm(m)
+        assert freeze_batch_norms(m) is m
+
+
+def test_freeze_refuses_bn_without_statistics():
+    with pytest.raises(ValueError, match=r'frozen_bn: cannot freeze '
+                       r'BatchNorm2d with affine=True, '
+                       r'track_running_stats=False'):
+        freeze_batch_norms(nn.BatchNorm2d(4, track_running_stats=False))
