@@ -1,0 +1,508 @@
+"""VBTimmBackbone over a broad sample of timm families.
+
+timm's own ``features_only`` extractor, given the same weights file through
+timm's own loading path, is the oracle. Models are the smallest variants (a
+few are shrunk further through ``model_kwargs``) on 64x64 inputs.
+"""
+import copy
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import max_abs_diff
+from timm.layers import BatchNormAct2d
+from timm.models import adapt_input_conv
+
+from vb_plugin import CheckpointError, VBTimmBackbone
+from vb_plugin.layers import (FrozenBatchNorm2d, FrozenBatchNormAct2d,
+                              is_batch_norm)
+from vb_plugin.models.timm_backbone import plan_stages
+from vb_plugin.weights.timm import load_timm_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+MASK_RCNN = ROOT / 'configs/mask_rcnn/mask-rcnn_vb-timm-resnet50_fpn_1x_coco.py'
+
+_SWIN = dict(img_size=64, window_size=4, embed_dim=24, depths=(1, 1, 1, 1),
+             num_heads=(1, 1, 1, 1))
+
+#: (family, model_name, model_kwargs, expected out_strides)
+FAMILIES = [
+    ('resnet', 'resnet10t', {}, (4, 8, 16, 32)),
+    ('resnext', 'resnext26ts', {}, (4, 8, 16, 32)),
+    ('res2net', 'res2net50_14w_8s', dict(layers=[1, 1, 1, 1]),
+     (4, 8, 16, 32)),
+    ('efficientnet', 'efficientnet_b0', {}, (4, 8, 16, 32)),
+    ('mixnet', 'tf_mixnet_s', {}, (4, 8, 16, 32)),
+    ('mobilenetv3', 'mobilenetv3_small_050', {}, (4, 8, 16, 32)),
+    ('convnext', 'convnext_atto', {}, (4, 8, 16, 32)),
+    ('regnet', 'regnetx_002', {}, (4, 8, 16, 32)),
+    ('cspnet', 'cs3darknet_s', {}, (4, 8, 16, 32)),
+    ('densenet', 'densenet121', dict(block_config=(1, 1, 1, 1)),
+     (4, 8, 16, 32)),
+    ('hrnet', 'hrnet_w18_small', {}, (4, 8, 16, 32)),
+    ('swin', 'swin_tiny_patch4_window7_224', _SWIN, (4, 8, 16, 32)),
+    ('vit', 'vit_tiny_patch16_224', dict(dynamic_img_size=True),
+     (16, 16, 16, 16)),
+    ('ghostnet', 'ghostnet_050', {}, (4, 8, 16, 32)),
+    ('dla', 'dla46_c', {}, (4, 8, 16, 32)),
+    ('vovnet', 'ese_vovnet19b_slim_dw', {}, (4, 8, 16, 32)),
+    ('mobilevit', 'mobilevit_xxs', {}, (4, 8, 16, 32)),
+    ('efficientvit', 'efficientvit_b0', {}, (4, 8, 16, 32)),
+    ('pvt_v2', 'pvt_v2_b0', {}, (4, 8, 16, 32)),
+    ('edgenext', 'edgenext_xx_small', {}, (4, 8, 16, 32)),
+    ('mobileone', 'mobileone_s0', {}, (4, 8, 16, 32)),
+    ('hgnetv2', 'hgnetv2_b0', {}, (4, 8, 16, 32)),
+    ('rexnet', 'rexnet_100', {}, (4, 8, 16, 32)),
+    ('fastvit', 'fastvit_t8', {}, (4, 8, 16, 32)),
+    ('levit', 'levit_128s', dict(img_size=64), (16, 32, 64)),
+]
+FAMILY_PARAMS = [
+    pytest.param(name, kwargs, strides, id=family)
+    for family, name, kwargs, strides in FAMILIES
+]
+BN_FAMILY_PARAMS = [
+    pytest.param(name, kwargs, strides, id=family)
+    for family, name, kwargs, strides in FAMILIES
+    if family in ('resnet', 'efficientnet', 'mobilenetv3', 'regnet',
+                  'densenet', 'hrnet', 'cspnet', 'ghostnet')
+]
+
+#: Largest parity difference seen per model, printed at the end (-s).
+PARITY = {}
+
+
+def build(name, kwargs, **options):
+    return VBTimmBackbone(name, model_kwargs=copy.deepcopy(kwargs),
+                          **options)
+
+
+def save_timm_weights(name, kwargs, path):
+    """Random weights of the full timm model, as timm saves them."""
+    torch.save(timm.create_model(name, pretrained=False, **kwargs)
+               .state_dict(), path)
+    return path
+
+
+def timm_features(name, kwargs, path, out_indices, **extra):
+    """timm's own extractor, loading ``path`` through timm's own code."""
+    return timm.create_model(name, pretrained=True, features_only=True,
+                             out_indices=out_indices,
+                             pretrained_cfg_overlay=dict(file=str(path)),
+                             **kwargs, **extra)
+
+
+def frozen_param_names(model):
+    names = model.frozen_module_names()
+    out = set()
+    for n in names:
+        out |= {f'{n}.{p}' for p, _ in model.get_submodule(n)
+                .named_parameters()}
+    return out
+
+
+# ----------------------------------------------------------------------
+# The contract over the family sample.
+@pytest.mark.parametrize('name,kwargs,strides', FAMILY_PARAMS)
+def test_parity_and_metadata(name, kwargs, strides, tmp_path):
+    path = save_timm_weights(name, kwargs, tmp_path / 'w.pth')
+    model = build(name, kwargs,
+                  init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model.init_weights()
+    model.eval()
+    assert model.out_strides == strides
+    assert model.out_indices == tuple(range(len(strides)))
+    timm_idx = [model.plan.output_level(i) for i in model.out_indices]
+    ref = timm_features(name, kwargs, path, timm_idx).eval()
+    assert list(model.out_channels) == ref.feature_info.channels()
+    assert list(model.out_strides) == ref.feature_info.reduction()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        outs, refs = model(x), ref(x)
+    assert isinstance(outs, tuple) and len(outs) == len(refs)
+    for out, c, s in zip(outs, model.out_channels, model.out_strides):
+        assert out.shape == (2, c, 64 // s, 64 // s)  # NCHW, always
+    if model._nhwc:
+        refs = [r.permute(0, 3, 1, 2) for r in refs]
+    diff = max_abs_diff(outs, tuple(refs))
+    PARITY[name] = diff
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize('name,kwargs,strides', FAMILY_PARAMS)
+def test_frozen_stages_and_norm_eval(name, kwargs, strides):
+    model = build(name, kwargs, frozen_stages=2, norm_eval=True)
+    frozen = model.frozen_module_names()
+    assert frozen[:len(model.stem_module_names())] == \
+        model.stem_module_names()
+    assert len(frozen) == len(model.stem_module_names()) + len(
+        model.stage_module_names(0)) + len(model.stage_module_names(1))
+    frozen_params = frozen_param_names(model)
+    if isinstance(model.body, timm.models._features.FeatureGetterNet):
+        # cls_token/pos_embed sit on the model itself; they are stem.
+        frozen_params |= {f'body.model.{p}' for p, _ in
+                          model.body.model.named_parameters(recurse=False)}
+    assert frozen_params
+    for pname, param in model.named_parameters():
+        assert param.requires_grad == (pname not in frozen_params), pname
+    model.train()
+    for mname, module in model.named_modules():
+        in_frozen = any(mname == f or mname.startswith(f + '.')
+                        for f in frozen)
+        if in_frozen or is_batch_norm(module):
+            assert not module.training, mname
+        else:
+            assert module.training, mname
+    before = {k: v.clone() for k, v in model.state_dict().items()
+              if 'running' in k}
+    loss = sum(o.float().mean() for o in model(torch.rand(2, 3, 64, 64)))
+    loss.backward()
+    for k, v in model.state_dict().items():
+        if 'running' in k:
+            assert torch.equal(v, before[k]), k  # norm_eval kept stats
+    for pname, param in model.named_parameters():
+        assert (param.grad is None) == (pname in frozen_params), pname
+
+
+@pytest.mark.parametrize('name,kwargs,strides', BN_FAMILY_PARAMS)
+def test_frozen_bn_keeps_norm_act(name, kwargs, strides):
+    ref = build(name, kwargs, frozen_stages=1)
+    with torch.no_grad():
+        for m in ref.modules():
+            if is_batch_norm(m):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    model = build(name, kwargs, frozen_stages=1, frozen_bn=True)
+    model.load_state_dict(ref.state_dict())
+    frozen = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert frozen
+    had_norm_act = any(isinstance(m, BatchNormAct2d)
+                       for n in ref.frozen_module_names()
+                       for m in ref.get_submodule(n).modules())
+    if had_norm_act:
+        assert any(isinstance(m, FrozenBatchNormAct2d) for m in frozen)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert max_abs_diff(model.eval()(x), ref.eval()(x)) == 0
+
+
+@pytest.mark.parametrize('name,kwargs,strides', [
+    p for p in FAMILY_PARAMS if p.id != 'hrnet'  # see docs/timm.md
+])
+def test_pruned_model_every_param_used(name, kwargs, strides):
+    full = build(name, kwargs)
+    model = build(name, kwargs, out_indices=(1, ))
+    assert model.num_built_stages == 2
+    assert sum(p.numel() for p in model.parameters()) < sum(
+        p.numel() for p in full.parameters())
+    model.train()
+    (out, ) = model(torch.rand(2, 3, 64, 64))
+    assert out.shape[1] == model.out_channels[0] == full.out_channels[1]
+    out.mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_parity_summary():
+    """Runs last in file order; prints the per-family parity (pytest -s)."""
+    if PARITY:
+        print('\nparity max abs diff vs timm features_only:')
+        for name, diff in PARITY.items():
+            print(f'  {name}: {diff:.3g}')
+        assert max(PARITY.values()) <= 1e-5
+
+
+# ----------------------------------------------------------------------
+# Indices.
+def test_vb_indices_skip_timm_stride2_level():
+    vb = VBTimmBackbone('resnet10t').eval()
+    native = VBTimmBackbone('resnet10t', levels='timm').eval()
+    native.load_state_dict(vb.state_dict())
+    assert vb.out_strides == (4, 8, 16, 32)
+    assert native.out_strides == (2, 4, 8, 16, 32)
+    assert native.out_channels == (64, ) + vb.out_channels
+    x = torch.rand(1, 3, 64, 64)
+    assert max_abs_diff(vb(x), native(x)[1:]) == 0
+    # ConvNeXt has no stride-2 level: both numberings agree.
+    convnext = VBTimmBackbone('convnext_atto', levels='timm')
+    assert convnext.out_strides == (4, 8, 16, 32)
+
+
+def test_single_scale_vit_quarters():
+    model = VBTimmBackbone('vit_tiny_patch16_224', frozen_stages=1,
+                           model_kwargs=dict(dynamic_img_size=True))
+    assert model.plan.stage_levels == ((0, 1, 2), (3, 4, 5), (6, 7, 8),
+                                       (9, 10, 11))
+    assert model.stage_module_names(1) == tuple(
+        f'body.model.blocks.{i}' for i in (3, 4, 5))
+    assert model.out_strides == (16, ) * 4
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert {'body.model.cls_token', 'body.model.pos_embed'} <= frozen
+    assert any(n.startswith('body.model.patch_embed.') for n in frozen)
+    assert any(n.startswith('body.model.blocks.2.') for n in frozen)
+    assert not any(n.startswith('body.model.blocks.3.') for n in frozen)
+    outs = model.eval()(torch.rand(1, 3, 96, 64))
+    assert [tuple(o.shape) for o in outs] == [(1, 192, 6, 4)] * 4
+    timm_levels = VBTimmBackbone('vit_tiny_patch16_224', levels='timm',
+                                 out_indices=(-1, ))
+    assert timm_levels.num_stages == 12 and timm_levels.out_strides == (16, )
+
+
+def test_plan_stages_rules():
+    assert plan_stages([16, 32, 64]).stage_levels == ((0, ), (1, ), (2, ))
+    # output_stride=16 repeats a stride: still one stage per level.
+    assert plan_stages([2, 4, 8, 16, 16]).stage_levels == ((1, ), (2, ), (3, ),
+                                                           (4, ))
+    assert plan_stages([2, 4, 8, 16, 16]).stem_levels == (0, )
+    with pytest.raises(ValueError, match=r"levels='vb': the model has no "
+                       r'feature level at stride >= 4'):
+        plan_stages([1, 2])
+
+
+def test_unbuilt_stages_pruned_by_timm():
+    model = VBTimmBackbone('convnext_atto', out_indices=(1, ))
+    names = dict(model.named_modules())
+    assert [n for n in model.unbuilt_module_names()
+            if n.startswith('body.')] == ['body.stages_2', 'body.stages_3']
+    assert 'body.stages_1' in names and 'body.stages_2' not in names
+    eff = VBTimmBackbone('efficientnet_b0', out_indices=(0, ))
+    assert len(eff.body.blocks) == 2  # blocks 2..6 are not built
+
+
+# ----------------------------------------------------------------------
+# Options.
+def test_output_stride():
+    model = VBTimmBackbone('resnet10t', output_stride=16).eval()
+    assert model.out_strides == (4, 8, 16, 16)
+    outs = model(torch.rand(1, 3, 64, 64))
+    assert [o.shape[-1] for o in outs] == [16, 8, 4, 4]
+    with pytest.raises(ValueError, match=r'output_stride=12 is not valid; '
+                       r'use 8, 16, 32 or None'):
+        VBTimmBackbone('resnet10t', output_stride=12)
+
+
+def test_create_model_kwargs_pass_through():
+    model = VBTimmBackbone('convnext_atto', drop_path_rate=0.1,
+                           model_kwargs=dict(ls_init_value=0.5))
+    block = model.body.stages_3.blocks[-1]
+    assert block.drop_path.drop_prob == pytest.approx(0.1)
+    assert torch.all(block.gamma == 0.5)
+    with pytest.raises(ValueError, match=r"model_kwargs must not set "
+                       r"\['features_only', 'in_chans'\]"):
+        VBTimmBackbone('resnet10t', model_kwargs=dict(in_chans=4,
+                                                      features_only=True))
+
+
+def test_with_cp_uses_timm_checkpointing():
+    ref = VBTimmBackbone('convnext_atto', frozen_stages=1).train()
+    model = VBTimmBackbone('convnext_atto', frozen_stages=1,
+                           with_cp=True).train()
+    model.load_state_dict(ref.state_dict())
+    assert model.body.grad_checkpointing
+    x = torch.rand(2, 3, 64, 64)
+    outs, refs = model(x), ref(x)
+    assert max_abs_diff(outs, refs) <= 1e-5
+    sum((o**2).mean() for o in outs).backward()
+    sum((o**2).mean() for o in refs).backward()
+    grads = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert max_abs_diff(p.grad, grads[n].grad) <= 1e-5, n
+    with pytest.raises(ValueError, match=r"with_cp=True: timm does not "
+                       r"support gradient checkpointing for "
+                       r"'hrnet_w18_small'"):
+        VBTimmBackbone('hrnet_w18_small', with_cp=True)
+
+
+@pytest.mark.parametrize('in_channels', [1, 4])
+def test_in_channels_adapts_pretrained_conv(in_channels, tmp_path):
+    path = save_timm_weights('resnet10t', {}, tmp_path / 'w.pth')
+    model = VBTimmBackbone(
+        'resnet10t', in_channels=in_channels,
+        init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model.init_weights()
+    src = torch.load(path, weights_only=True)['conv1.0.weight']
+    expect = adapt_input_conv(in_channels, src.clone())
+    assert torch.equal(model.body.conv1[0].weight, expect)
+    outs = model.eval()(torch.rand(1, in_channels, 64, 64))
+    assert outs[0].shape == (1, 64, 16, 16)
+
+
+# ----------------------------------------------------------------------
+# Errors.
+def test_unknown_model_name_suggests_close_matches():
+    with pytest.raises(ValueError, match=r"model_name='resnet5O' is not a "
+                       r"timm model; close matches: \[.*'resnet50'"):
+        VBTimmBackbone('resnet5O')
+    with pytest.raises(ValueError, match=r"model_name='zzzq' is not a timm "
+                       r'model; see timm.list_models\(\)'):
+        VBTimmBackbone('zzzq')
+    with pytest.raises(TypeError, match=r'model_name must be a timm model '
+                       r'name \(str\), got 3 \(int\)'):
+        VBTimmBackbone(3)
+
+
+def test_model_without_features_says_so():
+    # timm cannot build a features_only InceptionV3 with aux logits.
+    with pytest.raises(ValueError, match=r"model_name='inception_v3' cannot "
+                       r'produce feature maps with these options \(timm '
+                       r'features_only failed'):
+        VBTimmBackbone('inception_v3', model_kwargs=dict(aux_logits=True))
+
+
+def test_levels_option_error():
+    with pytest.raises(ValueError, match=r"levels='mm' is not valid; use "
+                       r"one of \('vb', 'timm'\)"):
+        VBTimmBackbone('resnet10t', levels='mm')
+
+
+# ----------------------------------------------------------------------
+# Pretrained weights.
+def test_load_report_and_detector_prefix(tmp_path):
+    full = timm.create_model('resnet10t')
+    path = tmp_path / 'det.pth'
+    torch.save({'state_dict': {f'backbone.{k}': v
+                               for k, v in full.state_dict().items()}},
+               path)
+    model = VBTimmBackbone('resnet10t', out_indices=(0, 1))
+    report = load_timm_pretrained(model, path, verbose=False)
+    assert report.source == 'timm' and report.prefix == 'backbone.'
+    assert report.container == 'state_dict'
+    assert report.dropped['classifier head and layers outside the '
+                          'features'] == ['fc.weight', 'fc.bias']
+    unbuilt = report.dropped['stage not built (past the last out_indices)']
+    assert unbuilt and all(k.startswith(('layer3.', 'layer4.'))
+                           for k in unbuilt)
+    assert len(report.loaded) + len(unbuilt) + 2 == len(full.state_dict())
+    assert torch.equal(model.body.layer2[0].conv1.weight,
+                       full.layer2[0].conv1.weight)
+    assert len(report.loaded) == len(model.state_dict()) == 48
+    assert str(report).startswith(f'Loaded 48 tensors from {path}')
+
+
+def test_load_is_strict(tmp_path):
+    full = timm.create_model('resnet10t').state_dict()
+    model = VBTimmBackbone('resnet10t')
+    before = copy.deepcopy(model.state_dict())
+    bad_shape = dict(full, **{'layer1.0.conv1.weight': torch.zeros(1)})
+    missing = {k: v for k, v in full.items() if not k.startswith('layer4.')}
+    extra = dict(full, **{'layer9.weight': torch.zeros(1)})
+    for state, message in [(bad_shape, r'size mismatch for '
+                            r'layer1.0.conv1.weight'),
+                           (missing, r'Missing key\(s\) in state_dict: '
+                            r'"layer4'),
+                           (extra, r'Unexpected key\(s\) in state_dict: '
+                            r'"layer9.weight"')]:
+        path = tmp_path / 'bad.pth'
+        torch.save(state, path)
+        with pytest.raises(CheckpointError, match=r"nothing was loaded into "
+                           r"VBTimmBackbone\('resnet10t'\); timm's strict "
+                           r'load into the full model failed(.|\n)*'
+                           + message):
+            load_timm_pretrained(model, path, verbose=False)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+
+
+def _to_official_convnext(state):
+    """timm ConvNeXt keys -> the official facebookresearch release layout
+    (the inverse of timm's ``convnext.checkpoint_filter_fn``)."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace('stem.', 'downsample_layers.0.')
+        key = re.sub(r'stages\.(\d+)\.downsample\.(\d+)',
+                     r'downsample_layers.\1.\2', key)
+        key = re.sub(r'stages\.(\d+)\.blocks\.(\d+)', r'stages.\1.\2', key)
+        key = key.replace('conv_dw', 'dwconv').replace('mlp.fc', 'pwconv')
+        key = key.replace('head.norm.', 'norm.').replace('head.fc.', 'head.')
+        if 'pwconv' in key and value.ndim == 4:
+            value = value.flatten(1)  # official: nn.Linear
+        out[key] = value
+    return out
+
+
+def test_official_layout_goes_through_timm_filter_fn(tmp_path):
+    full = timm.create_model('convnext_atto')
+    official = _to_official_convnext(full.state_dict())
+    assert 'downsample_layers.1.1.weight' in official
+    assert 'stages.0.0.pwconv1.weight' in official
+    path = tmp_path / 'convnext_atto_official.pth'
+    torch.save({'model': official}, path)
+    model = VBTimmBackbone('convnext_atto')
+    report = load_timm_pretrained(model, path, verbose=False)
+    assert report.source == 'timm' and report.container == 'model'
+    assert report.dropped == {
+        'classifier head and layers outside the features':
+        ['head.norm.weight', 'head.norm.bias', 'head.fc.weight',
+         'head.fc.bias']
+    }
+    timm_path = tmp_path / 'convnext_atto_timm.pth'
+    torch.save(full.state_dict(), timm_path)
+    ref = timm_features('convnext_atto', {}, timm_path, (0, 1, 2, 3)).eval()
+    for key, value in full.state_dict().items():
+        if not key.startswith('head.'):
+            mapped = re.sub(r'^(stem|stages)\.(\d+)', r'\1_\2', key)
+            assert torch.equal(model.state_dict()[f'body.{mapped}'], value)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert max_abs_diff(model.eval()(x), tuple(ref(x))) == 0
+
+
+class _Evil:
+
+    def __reduce__(self):
+        return (print, ('pwned', ))
+
+
+def test_load_refuses_pickled_code(tmp_path):
+    path = tmp_path / 'evil.pth'
+    with open(path, 'wb') as f:
+        pickle.dump({'state_dict': _Evil()}, f)
+    with pytest.raises(CheckpointError, match=r'refused to read .* with '
+                       r'weights_only=True'):
+        load_timm_pretrained(VBTimmBackbone('resnet10t'), path)
+
+
+def test_safetensors_file(tmp_path, save_state):
+    full = timm.create_model('mobilenetv3_small_050')
+    path = save_state(full.state_dict(), 'w.safetensors')
+    model = VBTimmBackbone('mobilenetv3_small_050')
+    report = load_timm_pretrained(model, path, verbose=False)
+    assert report.source == 'timm'
+    assert torch.equal(model.body.conv_stem.weight, full.conv_stem.weight)
+
+
+# ----------------------------------------------------------------------
+# In a detector.
+def test_mask_rcnn_config_builds_and_trains_one_step():
+    from mmengine.config import Config
+
+    from vb_plugin.apis import (build_detector, load_config,
+                                synthetic_detection_batch,
+                                train_step_and_predict)
+    raw = Config.fromfile(MASK_RCNN)
+    assert raw.custom_imports == dict(imports=['vb_plugin'],
+                                      allow_failed_imports=False)
+    assert raw.model.backbone.type == 'VBTimmBackbone'
+    assert 'depth' not in raw.model.backbone  # _delete_ took effect
+    cfg = load_config(str(MASK_RCNN))
+    model = build_detector(cfg, pretrained=False)
+    backbone = model.backbone
+    assert type(backbone).__name__ == 'VBTimmBackbone'
+    assert list(backbone.out_channels) == cfg.model.neck.in_channels
+    assert backbone.out_strides == (4, 8, 16, 32)
+    frozen = {n: p.detach().clone() for n, p in backbone.named_parameters()
+              if not p.requires_grad}
+    assert frozen and all(n.startswith(('body.conv1.', 'body.bn1.',
+                                        'body.layer1.')) for n in frozen)
+    batch = synthetic_detection_batch(num_images=1, size=(128, 160))
+    losses, preds = train_step_and_predict(model, batch)
+    for key in ('loss_rpn_cls', 'loss_cls', 'loss_bbox', 'loss_mask',
+                'loss'):
+        assert key in losses and torch.isfinite(losses[key]), key
+    params = dict(backbone.named_parameters())
+    for n, before in frozen.items():
+        assert torch.equal(params[n], before), n
+    assert backbone.body.layer2[0].bn1.num_batches_tracked.item() == 0
+    assert len(preds) == 1

@@ -1,0 +1,530 @@
+"""Any timm model as a vb_plugin backbone, under the shared contract.
+
+timm ("PyTorch Image Models", Ross Wightman, https://github.com/huggingface/
+pytorch-image-models, Apache-2.0) builds each model's feature extractor with
+``features_only=True``. This family wraps exactly that extractor, so outputs
+are timm's own, and maps timm's structure onto the contract:
+
+* **Levels.** timm numbers its feature levels from its own first feature
+  (for ResNet the stride-2 stem, for ConvNeXt stage 0). Here, with the
+  default ``levels='vb'``, index 0 is the first level with stride >= 4, so
+  0..3 are the stride-4..32 levels (C2..C5) of a standard CNN, as in
+  :class:`VBResNet`. Single-scale models (every level at one stride, e.g.
+  ViT's blocks) get four stages of consecutive levels (quarters of the
+  blocks). ``levels='timm'`` keeps timm's numbering. See docs/timm.md.
+* **Stages** for ``frozen_stages`` are cut at the modules that produce each
+  level (``feature_info.module_name()``): the stem is everything up to the
+  last level finer than stride 4 (or up to stage 0 when there is none).
+* Weights of the model's pretrained layout load through timm's own pipeline
+  (``checkpoint_filter_fn``, ``adapt_input_conv``) into the full model,
+  strictly, then move into the extractor; see :mod:`vb_plugin.weights.timm`.
+"""
+import difflib
+import numbers
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import timm
+import torch
+from mmengine.registry import MODELS
+from timm.models._features import (FeatureDictNet, FeatureGetterNet,
+                                   FeatureHookNet)
+from torch import nn
+
+from ..weights.rules import WeightSource
+from .base import OptConfigType, VBBackbone
+
+#: create_model keywords this family sets itself; ``model_kwargs`` must not.
+RESERVED_KWARGS = ('pretrained', 'features_only', 'out_indices', 'in_chans',
+                   'num_classes', 'feature_cls', 'pretrained_cfg_overlay',
+                   'output_stride', 'scriptable', 'exportable')
+
+LEVEL_MODES = ('vb', 'timm')
+
+
+@dataclass(frozen=True)
+class TimmLevel:
+    """One of timm's feature levels (a row of ``feature_info``)."""
+    index: int
+    channels: int
+    reduction: int
+    module: str
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """How timm's levels become VB stages.
+
+    Attributes:
+        stem_levels: timm levels inside the stem (``levels='vb'`` drops the
+            levels finer than stride 4 into it).
+        stage_levels: For each VB stage, the timm levels it spans; its
+            output is the last one.
+    """
+    stem_levels: Tuple[int, ...]
+    stage_levels: Tuple[Tuple[int, ...], ...]
+
+    def output_level(self, stage: int) -> int:
+        return self.stage_levels[stage][-1]
+
+
+def plan_stages(reductions: Sequence[int], levels: str = 'vb') -> StagePlan:
+    """Group timm's feature levels into VB stages.
+
+    Args:
+        reductions (Sequence[int]): Stride of each timm level, in order.
+        levels (str): 'vb' (index 0 is the first level at stride >= 4;
+            single-scale models are cut into four stages) or 'timm' (one
+            stage per timm level, timm's numbering). Defaults to 'vb'.
+
+    Returns:
+        StagePlan: The stem's levels and each stage's levels.
+
+    Example:
+        >>> plan_stages([2, 4, 8, 16, 32]).stage_levels
+        ((1,), (2,), (3,), (4,))
+        >>> plan_stages([16] * 12).stage_levels
+        ((0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11))
+        >>> plan_stages([2, 4, 8, 16, 32], levels='timm').stage_levels
+        ((0,), (1,), (2,), (3,), (4,))
+    """
+    n = len(reductions)
+    if levels == 'timm':
+        return StagePlan((), tuple((i, ) for i in range(n)))
+    first = next((i for i, r in enumerate(reductions) if r >= 4), None)
+    if first is None:
+        raise ValueError(
+            f'levels={levels!r}: the model has no feature level at stride '
+            f'>= 4 (strides {list(reductions)}); use levels=\'timm\'')
+    rest = list(range(first, n))
+    if len(rest) > 4 and len({reductions[i] for i in rest}) == 1:
+        # NOTE: single-scale models (ViT-style) list every block as a level;
+        # four stages of consecutive blocks keep frozen_stages meaningful
+        # and give the usual four outputs (ViTDet takes the same quarters).
+        bounds = [round(len(rest) * (k + 1) / 4) for k in range(4)]
+        groups, start = [], 0
+        for end in bounds:
+            groups.append(tuple(rest[start:end]))
+            start = end
+    else:
+        groups = [(i, ) for i in rest]
+    return StagePlan(tuple(range(first)), tuple(groups))
+
+
+def _check_model_name(model_name: str) -> None:
+    if not isinstance(model_name, str) or not model_name:
+        raise TypeError(f'model_name must be a timm model name (str), got '
+                        f'{model_name!r} ({type(model_name).__name__})')
+    if timm.is_model(model_name):
+        return
+    close = difflib.get_close_matches(model_name, timm.list_models(), n=5,
+                                      cutoff=0.6)
+    hint = (f'; close matches: {close}' if close else
+            '; see timm.list_models() for the available names')
+    raise ValueError(f'model_name={model_name!r} is not a timm model{hint}')
+
+
+def _flatten(module: nn.Module, prefix: str) -> List[str]:
+    """Children of ``module``, one level of Sequential/ModuleList expanded
+    (timm's own ``_module_list`` rule), as dotted names."""
+    names = []
+    for name, child in module.named_children():
+        full = f'{prefix}{name}'
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child):
+            names += [f'{full}.{c}' for c, _ in child.named_children()]
+        else:
+            names.append(full)
+    return names
+
+
+def _chain(features: nn.Module) -> Tuple[List[str], bool]:
+    """Module names of timm's extractor in forward order, relative to it,
+    and whether they use FeatureDictNet's underscore names."""
+    if isinstance(features, (FeatureDictNet, FeatureHookNet)):
+        return [n for n, _ in features.named_children()], True
+    if isinstance(features, FeatureGetterNet):
+        return _flatten(features.model, 'model.'), False
+    return _flatten(features, ''), False
+
+
+def _contains(element: str, module: str, underscore: bool) -> bool:
+    if underscore:
+        module = module.replace('.', '_')
+        sep = '_'
+    else:
+        element = element[len('model.'):] if element.startswith(
+            'model.') else element
+        sep = '.'
+    return (module == element or module.startswith(element + sep)
+            or element.startswith(module + sep))
+
+
+def _hrnet_groups(chain: List[str], num_levels: int) -> List[List[str]]:
+    # NOTE: HRNet's extractor is not a chain: every output passes through all
+    # four network stages, then its own incre_modules[i]. Level 0 is the
+    # first stem conv; level k >= 1 is network stage k (with the transition
+    # that feeds the next one) plus incre_modules[k - 1].
+    heads = [('conv1', 'bn1', 'act1'),
+             ('conv2', 'bn2', 'act2', 'layer1', 'transition1'),
+             ('stage2', 'transition2'), ('stage3', 'transition3'),
+             ('stage4', )]
+    groups = []
+    for k in range(num_levels):
+        names = [c for c in chain if c.split('.')[0] in heads[k]]
+        if k >= 1:
+            names += [c for c in chain if c == f'incre_modules.{k - 1}']
+        groups.append(names)
+    return groups
+
+
+def _level_groups(features: nn.Module,
+                  levels: Sequence[TimmLevel]) -> List[List[str]]:
+    """The extractor's modules that lead to each timm level, in order:
+    group ``j`` holds the modules after level ``j - 1``'s up to level
+    ``j``'s own module."""
+    chain, underscore = _chain(features)
+    if type(features).__name__ == 'HighResolutionNetFeatures':
+        return _hrnet_groups(chain, len(levels))
+    groups, start = [], 0
+    for level in levels:
+        hits = [p for p, e in enumerate(chain)
+                if _contains(e, level.module, underscore)]
+        if not hits or hits[-1] < start:
+            raise ValueError(
+                f'cannot map timm level {level.index} (module '
+                f'{level.module!r}) onto the modules of '
+                f'{type(features).__name__}: {chain}')
+        groups.append(chain[start:hits[-1] + 1])
+        start = hits[-1] + 1
+    return groups
+
+
+def _timm_levels(model: nn.Module) -> List[TimmLevel]:
+    info = model.feature_info
+    rows = info.get_dicts() if hasattr(info, 'get_dicts') else list(info)
+    return [TimmLevel(i, int(r['num_chs']), int(r['reduction']),
+                      str(r['module'])) for i, r in enumerate(rows)]
+
+
+@MODELS.register_module()
+class VBTimmBackbone(VBBackbone):
+    """A timm model as a backbone: timm's own feature extractor
+    (``features_only=True``) under the VB contract.
+
+    Args:
+        model_name (str): A timm model name, e.g. 'resnet50',
+            'convnext_tiny', 'swin_tiny_patch4_window7_224'. A pretrained
+            tag ('resnet50.a1_in1k') selects that tag's config.
+        levels (str): How ``out_indices`` count. 'vb': 0..3 are the
+            stride-4..32 levels whatever timm's numbering (levels finer
+            than stride 4 go into the stem); single-scale models (ViT) get
+            four stages, the quarters of their blocks, all at the model's
+            stride. 'timm': timm's own feature levels and numbering (for
+            ResNet, 0 is the stride-2 stem). Defaults to 'vb'.
+        in_channels (int): Input channels; pretrained weights are adapted
+            by timm's ``adapt_input_conv``. Defaults to 3.
+        output_stride (int, optional): Dilate the last stages to this stride
+            (8 or 16), for models that support it; ``out_strides`` follows.
+            Defaults to None (the model's own).
+        drop_path_rate (float, optional): Stochastic depth rate, for models
+            that have it. Defaults to None (timm's default).
+        model_kwargs (dict, optional): Other ``timm.create_model`` keywords
+            (e.g. ``act_layer``, ``img_size``). Defaults to None.
+        out_indices (Sequence[int], optional): Stages to output, see
+            ``levels``. Defaults to None: every stage (0..3 for a standard
+            CNN).
+        frozen_stages, norm_eval, frozen_bn, out_norm_cfg, init_cfg: See
+            :class:`VBBackbone`. ``norm_eval`` and ``frozen_bn``
+            cover timm's ``BatchNormAct2d`` (frozen BN keeps its act).
+            ``init_cfg=dict(type='Pretrained', checkpoint=PATH)`` loads a
+            local file strictly, through timm's loading code.
+        with_cp (bool): Gradient checkpointing through timm's own
+            ``set_grad_checkpointing``. Defaults to False.
+
+    Example:
+        >>> import torch
+        >>> from vb_plugin import VBTimmBackbone
+        >>> model = VBTimmBackbone('resnet10t', out_indices=(1, 3)).eval()
+        >>> [tuple(o.shape) for o in model(torch.rand(1, 3, 64, 64))]
+        [(1, 128, 8, 8), (1, 512, 2, 2)]
+        >>> model.out_channels, model.out_strides
+        ((128, 512), (8, 32))
+    """
+
+    def __init__(self,
+                 model_name: str,
+                 levels: str = 'vb',
+                 in_channels: int = 3,
+                 output_stride: Optional[int] = None,
+                 drop_path_rate: Optional[float] = None,
+                 model_kwargs: Optional[dict] = None,
+                 out_indices: Optional[Sequence[int]] = None,
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 frozen_bn: bool = False,
+                 out_norm_cfg: OptConfigType = None,
+                 with_cp: bool = False,
+                 init_cfg=None) -> None:
+        _check_model_name(model_name)
+        if levels not in LEVEL_MODES:
+            raise ValueError(f'levels={levels!r} is not valid; use one of '
+                             f'{LEVEL_MODES}')
+        if isinstance(in_channels, bool) or not isinstance(
+                in_channels, numbers.Integral) or in_channels < 1:
+            raise ValueError(f'in_channels must be a positive int, got '
+                             f'{in_channels!r}')
+        model_kwargs = dict(model_kwargs or {})
+        reserved = sorted(set(model_kwargs) & set(RESERVED_KWARGS))
+        if reserved:
+            raise ValueError(
+                f'model_kwargs must not set {reserved}: VBTimmBackbone sets '
+                'them itself (use in_channels, output_stride, out_indices, '
+                'init_cfg)')
+        if output_stride is not None:
+            if output_stride not in (8, 16, 32):
+                raise ValueError(f'output_stride={output_stride!r} is not '
+                                 'valid; use 8, 16, 32 or None')
+            model_kwargs['output_stride'] = output_stride
+        if drop_path_rate is not None:
+            model_kwargs['drop_path_rate'] = drop_path_rate
+        self.model_name = model_name
+        self.levels = levels
+        self.in_channels = int(in_channels)
+        self.output_stride = output_stride
+        self.create_kwargs = dict(model_kwargs, in_chans=self.in_channels)
+
+        # NOTE: the full-level structure is read from models on the meta
+        # device: no memory, no initialisation, and stage_module_names can
+        # answer for stages that are never built.
+        self.timm_levels = self._read_levels()
+        self.plan = plan_stages([lv.reduction for lv in self.timm_levels],
+                                levels)
+        all_levels = tuple(range(len(self.timm_levels)))
+        try:
+            with torch.device('meta'):
+                full = self._create_features(all_levels)
+        except ValueError as err:
+            if not isinstance(err.__cause__, (RuntimeError,
+                                              NotImplementedError)):
+                raise
+            full = self._create_features(all_levels)
+        groups = _level_groups(full, self.timm_levels)
+        self._stem_groups = tuple(n for j in self.plan.stem_levels
+                                  for n in groups[j])
+        self._stage_groups = [
+            tuple(n for j in stage_levels for n in groups[j])
+            for stage_levels in self.plan.stage_levels
+        ]
+        if not self.plan.stem_levels:
+            first = self._stage_groups[0]
+            own = self._own_module(full, self.timm_levels[
+                self.plan.stage_levels[0][0]].module, first)
+            self._stem_groups = first[:own]
+            self._stage_groups[0] = first[own:]
+        self._stage_groups = tuple(self._stage_groups)
+        self._nhwc = str(getattr(full, 'output_fmt', 'NCHW')).endswith('NHWC')
+        del full
+
+        levels_out = [self.timm_levels[self.plan.output_level(k)]
+                      for k in range(len(self.plan.stage_levels))]
+        if out_indices is None:
+            out_indices = tuple(range(len(levels_out)))
+        self.weight_sources = (WeightSource(
+            name='vb-timm',
+            description='a VBTimmBackbone state dict (keys under body.)',
+            detect=r'^body\.'), )
+        super().__init__(
+            stage_channels=[lv.channels for lv in levels_out],
+            stage_strides=[lv.reduction for lv in levels_out],
+            out_indices=out_indices,
+            frozen_stages=frozen_stages,
+            norm_eval=norm_eval,
+            frozen_bn=frozen_bn,
+            out_norm_cfg=out_norm_cfg,
+            with_cp=with_cp,
+            init_cfg=init_cfg)
+
+    # ------------------------------------------------------------------
+    # timm models.
+    def _create(self, **kwargs) -> nn.Module:
+        return timm.create_model(self.model_name, pretrained=False,
+                                 **self.create_kwargs, **kwargs)
+
+    def _create_on_meta(self, **kwargs) -> nn.Module:
+        try:
+            with torch.device('meta'):
+                return self._create(**kwargs)
+        except (NotImplementedError, RuntimeError):
+            # NOTE: a model whose __init__ computes with tensor values
+            # cannot be built on the meta device; build it for real.
+            return self._create(**kwargs)
+
+    def _read_levels(self) -> List[TimmLevel]:
+        model = self._create_on_meta()
+        if not hasattr(model, 'feature_info'):
+            raise ValueError(
+                f'model_name={self.model_name!r} cannot produce feature maps: '
+                f'timm\'s {type(model).__name__} has no feature_info, so it '
+                'has no features_only extractor')
+        return _timm_levels(model)
+
+    def _create_features(self, timm_indices: Tuple[int, ...]) -> nn.Module:
+        try:
+            return self._create(features_only=True,
+                                out_indices=tuple(timm_indices))
+        except (RuntimeError, AssertionError, TypeError,
+                NotImplementedError) as err:
+            raise ValueError(
+                f'model_name={self.model_name!r} cannot produce feature maps '
+                f'with these options (timm features_only failed: {err})'
+            ) from err
+
+    @staticmethod
+    def _own_module(full: nn.Module, module: str, names: Sequence[str]) -> int:
+        """Position in ``names`` of the first module that is, contains or
+        lies inside the level's own module."""
+        _, underscore = _chain(full)
+        for p, n in enumerate(names):
+            if _contains(n, module, underscore):
+                return p
+        return len(names) - 1
+
+    # ------------------------------------------------------------------
+    # The contract's structure.
+    def stem_module_names(self) -> Tuple[str, ...]:
+        return tuple(f'body.{n}' for n in self._stem_groups)
+
+    def stage_module_names(self, i: int) -> Tuple[str, ...]:
+        return tuple(f'body.{n}' for n in self._stage_groups[i])
+
+    def build_stem(self) -> None:
+        # NOTE: timm's extractor is built whole, here, pruned by timm after
+        # the last requested level; build_stage has nothing left to do.
+        indices = tuple(self.plan.output_level(i) for i in self.out_indices)
+        self.body = self._create_features(indices)
+        self._prune_unused()
+        if self.with_cp:
+            try:
+                self.body.set_grad_checkpointing(True)
+            except (AssertionError, AttributeError,
+                    NotImplementedError) as err:
+                raise ValueError(
+                    f'with_cp=True: timm does not support gradient '
+                    f'checkpointing for {self.model_name!r} ({err})') from err
+
+    def build_stage(self, i: int) -> None:
+        pass
+
+    def _prune_unused(self) -> None:
+        body = self.body
+        last = self.num_built_stages - 1
+        if hasattr(body, 'blocks') and hasattr(body, '_stage_out_idx'):
+            # EfficientNet/MobileNetV3 extractors build every block; blocks
+            # after the last output would get no gradient (DDP).
+            keep = {n.split('.')[1] for n in self._stage_groups[last]
+                    if n.startswith('blocks.')}
+            if keep:
+                body.blocks = body.blocks[:max(int(k) for k in keep) + 1]
+        if type(body).__name__ == 'HighResolutionNetFeatures' and getattr(
+                body, 'incre_modules', None) is not None:
+            for i, _ in enumerate(body.incre_modules):
+                if i + 1 not in body._out_idx:
+                    body.incre_modules[i] = nn.Identity()
+
+    def unbuilt_module_names(self) -> Tuple[str, ...]:
+        names = dict(self.named_modules())
+        return tuple(n for n in super().unbuilt_module_names()
+                     if n not in names)
+
+    def frozen_module_names(self) -> Tuple[str, ...]:
+        names = dict(self.named_modules())
+        return tuple(n for n in super().frozen_module_names() if n in names)
+
+    def stem_parameter_names(self) -> Tuple[str, ...]:
+        # NOTE: ViT-style models keep cls_token/pos_embed on the model
+        # itself, outside any named module; they belong to the stem.
+        if isinstance(self.body, FeatureGetterNet):
+            return tuple(f'body.model.{n}' for n, _ in
+                         self.body.model.named_parameters(recurse=False))
+        return ()
+
+    def stage_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2).contiguous() if self._nhwc else x
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Return the feature maps of ``out_indices`` (NCHW), in order.
+
+        timm's extractor runs as timm runs it (its forward is not always a
+        chain of modules: HRNet branches, ViT tokens).
+        """
+        feats = self.body(x)
+        if isinstance(feats, dict):
+            feats = list(feats.values())
+        outs = []
+        for i, feat in zip(self.out_indices, feats):
+            out = self.stage_output(i, feat)
+            if self.out_norm_cfg is not None:
+                out = self.out_norms[str(i)](out)
+            outs.append(out)
+        return tuple(outs)
+
+    # ------------------------------------------------------------------
+    # Weights.
+    def init_weights(self) -> None:
+        """Keep timm's initialisation, or load ``init_cfg`` 'Pretrained'.
+
+        A checkpoint in this backbone's own layout (keys under ``body.``)
+        loads through :func:`vb_plugin.load_pretrained`; any other goes
+        through timm's pipeline, see :func:`vb_plugin.weights.timm.
+        load_timm_pretrained`. Both are strict and log a report.
+        """
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            from ..weights.timm import load_timm_pretrained
+            extra = set(cfg) - {'type', 'checkpoint', 'prefix', 'source'}
+            if extra:
+                raise ValueError(
+                    f'init_cfg: unknown keys {sorted(extra)} for '
+                    "type='Pretrained'; allowed: checkpoint, prefix, source")
+            if 'checkpoint' not in cfg:
+                raise ValueError("init_cfg of type='Pretrained' needs "
+                                 "'checkpoint' (a file path)")
+            load_timm_pretrained(self, cfg['checkpoint'],
+                                 prefix=cfg.get('prefix'),
+                                 source=cfg.get('source', 'auto'))
+            self._is_init = True
+            return
+        if cfg is not None:
+            super().init_weights()
+        self._is_init = True
+
+    def body_key_map(self,
+                     keys: Optional[Sequence[str]] = None) -> Dict[str, str]:
+        """Map this backbone's state-dict keys (or ``keys``, names under
+        ``body.``) to the full timm model's.
+
+        Example:
+            >>> m = VBTimmBackbone('convnext_atto', out_indices=(0, ))
+            >>> m.body_key_map()['body.stages_0.blocks.0.gamma']
+            'stages.0.blocks.0.gamma'
+        """
+        renames: Dict[str, str] = {}
+        if isinstance(self.body, (FeatureDictNet, FeatureHookNet)):
+            full = self._create_on_meta()
+            from timm.models._features import _module_list
+            for flat in (True, False):
+                for new, old, _ in _module_list(full, flat):
+                    renames.setdefault(new, old)
+        out = {}
+        for key in self.state_dict() if keys is None else keys:
+            if not key.startswith('body.'):
+                continue
+            rest = key[len('body.'):]
+            if isinstance(self.body, FeatureGetterNet):
+                out[key] = rest[len('model.'):]
+            elif renames:
+                head, _, tail = rest.partition('.')
+                out[key] = f'{renames.get(head, head)}.{tail}'
+            else:
+                out[key] = rest
+        return out
