@@ -11,12 +11,39 @@ BACKBONE_CASES = {
         dict(depth=18, base_channels=8,
              norm_cfg=dict(type='GN', num_groups=4, requires_grad=True)),
     ],
+    'VBRegNet': [
+        # Tiny custom archs: stage widths (8, 16, 24, 40).
+        dict(arch=dict(w0=8, wa=8.0, wm=1.5, group_w=4, depth=6,
+                       bot_mul=0.5, se_ratio=0.25), stem_channels=8),
+        dict(arch=dict(w0=8, wa=8.0, wm=1.5, group_w=8, depth=6),
+             stem_channels=8,
+             norm_cfg=dict(type='GN', num_groups=4, requires_grad=True)),
+        dict(arch='regnetx_200mf'),
+    ],
+    'VBConvNeXt': [
+        # Output norms are on by default for ConvNeXt; the contract suite
+        # checks raw stage outputs, and adds out norms itself. The BN case
+        # gives norm_eval and frozen_bn something to act on.
+        dict(arch=dict(depths=[1, 1, 2, 1], channels=[8, 16, 32, 64]),
+             out_norm_cfg=None),
+        dict(arch=dict(depths=[1, 1, 2, 1], channels=[8, 16, 32, 64]),
+             version='v2', out_norm_cfg=None),
+        dict(arch=dict(depths=[1, 2, 1, 1], channels=[8, 16, 24, 32]),
+             layer_scale_init_value=0.5, norm_cfg=dict(type='BN'),
+             out_norm_cfg=None),
+    ],
+    'VBTimmBackbone': [
+        dict(model_name='resnet10t'),
+        # BatchNormAct2d (norm + act in one layer) and a stride-2 level.
+        dict(model_name='mobilenetv3_small_050'),
+        dict(model_name='regnetx_002'),
+    ],
 }
-
 
 def case_id(case):
     return ','.join(f'{k}={v["type"] if k == "norm_cfg" else v}'
-                    for k, v in case.items()) or 'default'
+                    for k, v in case.items()
+                    if k != 'out_norm_cfg') or 'default'
 
 
 def iter_cases():
@@ -25,6 +52,8 @@ def iter_cases():
             yield name, case
 
 
-def build(name, **kwargs):
+def build(name, case=None, **overrides):
+    """Build backbone ``name`` from a case, with a test's own options on
+    top."""
     from mmengine.registry import MODELS
-    return MODELS.build(dict(type=name, **kwargs))
+    return MODELS.build(dict(type=name, **{**(case or {}), **overrides}))

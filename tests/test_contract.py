@@ -50,7 +50,7 @@ def param_names(module: nn.Module, names) -> set:
 
 @pytest.mark.parametrize('name,case', CASES)
 def test_outputs_match_metadata(name, case):
-    model = build(name, **case).eval()
+    model = build(name, case).eval()
     n = model.num_stages
     assert model.out_indices == tuple(range(n))
     h, w = 64, 96
@@ -66,7 +66,7 @@ def test_outputs_match_metadata(name, case):
 @pytest.mark.parametrize('name,case', CASES)
 @pytest.mark.parametrize('size', [(32, 32), (33, 47), (65, 97)])
 def test_any_input_size(name, case, size):
-    model = build(name, **case).eval()
+    model = build(name, case).eval()
     h, w = size
     outs = model(torch.rand(1, 3, h, w))
     for out, c, s in zip(outs, model.out_channels, model.out_strides):
@@ -77,13 +77,13 @@ def test_any_input_size(name, case, size):
 
 @pytest.mark.parametrize('name,case', FIRST_CASES)
 def test_out_indices_select_and_order(name, case):
-    full = build(name, **case).eval()
+    full = build(name, case).eval()
     x = torch.rand(1, 3, 64, 64)
     ref = full(x)
     n = full.num_stages
     for indices, expect in [((n - 1, 0), (0, n - 1)), ((-1, ), (n - 1, )),
                             ((1, -2), (1, n - 2)), ((0, ), (0, ))]:
-        model = build(name, out_indices=indices, **case).eval()
+        model = build(name, case, out_indices=indices).eval()
         model.load_state_dict(full.state_dict(), strict=False)
         assert model.out_indices == expect
         outs = model(x)
@@ -96,7 +96,7 @@ def test_out_indices_select_and_order(name, case):
 
 @pytest.mark.parametrize('name,case', FIRST_CASES)
 def test_out_indices_errors(name, case):
-    n = build(name, **case).num_stages
+    n = build(name, case).num_stages
     rng = re.escape(f'[{-n}, {n - 1}]')
     bad_values = [
         ((0, n), ValueError, rf'out_indices=\(0, {n}\) has \[{n}\] out of '
@@ -118,17 +118,17 @@ def test_out_indices_errors(name, case):
     ]
     for value, error, message in bad_values:
         with pytest.raises(error, match=message):
-            build(name, out_indices=value, **case)
+            build(name, case, out_indices=value)
 
 
 @pytest.mark.parametrize('name,case', FIRST_CASES)
 def test_unused_stages_not_built(name, case):
-    model = build(name, out_indices=(1, ), **case)
+    model = build(name, case, out_indices=(1, ))
     assert model.num_built_stages == 2
     names = dict(model.named_modules())
     for stage_name in model.unbuilt_module_names():
         assert stage_name not in names
-    full = build(name, **case)
+    full = build(name, case)
     assert sum(p.numel() for p in model.parameters()) < sum(
         p.numel() for p in full.parameters())
     # Every trainable parameter takes part in the loss (what DDP checks).
@@ -146,7 +146,7 @@ def modes(module):
 @pytest.mark.parametrize('name,case', CASES)
 @pytest.mark.parametrize('frozen_stages', [-1, 0, 1, 2, 4])
 def test_frozen_stages(name, case, frozen_stages):
-    model = build(name, frozen_stages=frozen_stages, **case)
+    model = build(name, case, frozen_stages=frozen_stages)
     n = model.num_stages
     frozen_stages = min(frozen_stages, n)
     frozen = []
@@ -155,6 +155,8 @@ def test_frozen_stages(name, case, frozen_stages):
         for i in range(frozen_stages):
             frozen += model.stage_module_names(i)
     frozen_params = param_names(model, frozen)
+    if frozen_stages >= 0:
+        frozen_params |= set(model.stem_parameter_names())
     for pname, param in model.named_parameters():
         assert param.requires_grad == (pname not in frozen_params), pname
     if frozen_stages >= 0:
@@ -194,17 +196,17 @@ def test_frozen_stages(name, case, frozen_stages):
      r'\(float\)'),
 ])
 def test_frozen_stages_errors(name, case, value, error, message):
-    n = build(name, **case).num_stages
+    n = build(name, case).num_stages
     if value == '{n+1}':
         value = n + 1
     message = message.replace('{n+1}', str(n + 1)).replace('{n}', str(n))
     with pytest.raises(error, match=message):
-        build(name, frozen_stages=value, **case)
+        build(name, case, frozen_stages=value)
 
 
 @pytest.mark.parametrize('name,case', CASES)
 def test_norm_eval(name, case):
-    model = build(name, norm_eval=True, **case)
+    model = build(name, case, norm_eval=True)
     model.train()
     bns = [m for m in model.modules() if is_batch_norm(m)]
     for n, m in model.named_modules():
@@ -217,18 +219,16 @@ def test_norm_eval(name, case):
     for key in before:
         assert torch.equal(before[key], after[key]), key
     # Without norm_eval, training updates the running statistics.
-    plain = build(name, **case).train()
+    plain = build(name, case).train()
     plain(torch.rand(2, 3, 64, 64))
     assert any(m.num_batches_tracked.item() > 0 for m in plain.modules()
                if is_batch_norm(m))
 
 
-@pytest.mark.parametrize('name,case', [
-    c for c in CASES if 'norm_cfg' not in c.values[1]
-])
+@pytest.mark.parametrize('name,case', CASES)
 @pytest.mark.parametrize('frozen_stages', [0, 2])
 def test_frozen_bn(name, case, frozen_stages):
-    ref = build(name, frozen_stages=frozen_stages, **case)
+    ref = build(name, case, frozen_stages=frozen_stages)
     # Non-trivial statistics, so that a wrong conversion shows.
     with torch.no_grad():
         for m in ref.modules():
@@ -237,10 +237,13 @@ def test_frozen_bn(name, case, frozen_stages):
                 m.running_var.uniform_(0.5, 2)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-1, 1)
-    model = build(name, frozen_stages=frozen_stages, frozen_bn=True, **case)
+    model = build(name, case, frozen_stages=frozen_stages, frozen_bn=True)
     assert list(model.state_dict()) == list(ref.state_dict())
     model.load_state_dict(ref.state_dict())
     frozen = set(model.frozen_module_names())
+    frozen_bns_expected = sum(
+        is_batch_norm(m) for f in frozen
+        for m in ref.get_submodule(f).modules())
     for mname, m in model.named_modules():
         top_in_frozen = any(mname == f or mname.startswith(f + '.')
                             for f in frozen)
@@ -248,7 +251,10 @@ def test_frozen_bn(name, case, frozen_stages):
             assert top_in_frozen, mname
         elif is_batch_norm(m):
             assert not top_in_frozen, mname
-    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    # Every BN of the frozen part was converted; without BN (e.g. LN or GN
+    # families) the option changes nothing.
+    assert sum(isinstance(m, FrozenBatchNorm2d)
+               for m in model.modules()) == frozen_bns_expected
     x = torch.rand(2, 3, 64, 64)
     assert max_abs_diff(model.eval()(x), ref.eval()(x)) == 0
     # Training: frozen stages behave as eval-mode BN, and have no params.
@@ -267,9 +273,8 @@ def test_frozen_bn(name, case, frozen_stages):
     dict(type='GN', num_groups=2),
 ])
 def test_out_norms(name, case, norm_cfg):
-    model = build(name, out_norm_cfg=norm_cfg, out_indices=(0, 2),
-                  **case).eval()
-    plain = build(name, out_indices=(0, 2), **case).eval()
+    model = build(name, case, out_norm_cfg=norm_cfg, out_indices=(0, 2)).eval()
+    plain = build(name, case, out_indices=(0, 2)).eval()
     plain.load_state_dict(model.state_dict(), strict=False)
     with torch.no_grad():
         for norm in model.out_norms.values():
@@ -287,8 +292,8 @@ def test_out_norms(name, case, norm_cfg):
 
 @pytest.mark.parametrize('name,case', CASES)
 def test_with_cp_same_outputs_and_grads(name, case):
-    ref = build(name, frozen_stages=1, **case).train()
-    model = build(name, frozen_stages=1, with_cp=True, **case).train()
+    ref = build(name, case, frozen_stages=1).train()
+    model = build(name, case, frozen_stages=1, with_cp=True).train()
     model.load_state_dict(ref.state_dict())
     x = torch.rand(2, 3, 64, 64)
     outs_ref, outs = ref(x), model(x)
@@ -305,11 +310,11 @@ def test_with_cp_same_outputs_and_grads(name, case):
 
 @pytest.mark.parametrize('name,case', FIRST_CASES)
 def test_pretrained_init_cfg_round_trip(name, case, save_state):
-    src = build(name, **case)
+    src = build(name, case)
     src.init_weights()
     path = save_state(src.state_dict())
-    model = build(name, init_cfg=dict(type='Pretrained', checkpoint=str(path)),
-                  **case)
+    model = build(name, case, init_cfg=dict(type='Pretrained', checkpoint=str(path)),
+                  )
     model.init_weights()
     for key, value in src.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
@@ -318,11 +323,32 @@ def test_pretrained_init_cfg_round_trip(name, case, save_state):
 @pytest.mark.parametrize('name,case', FIRST_CASES)
 def test_pretrained_into_pruned_model_reports_unbuilt(name, case, save_state):
     from vb_plugin import load_pretrained
-    src = build(name, **case)
+    src = build(name, case)
     path = save_state({'state_dict': src.state_dict()})
-    model = build(name, out_indices=(0, ), **case)
+    model = build(name, case, out_indices=(0, ))
     report = load_pretrained(model, path, verbose=False)
     dropped = report.dropped['stage not built (past the last out_indices)']
     unbuilt = tuple(n + '.' for n in model.unbuilt_module_names())
     assert dropped and all(k.startswith(unbuilt) for k in dropped)
     assert len(report.loaded) + len(dropped) == len(src.state_dict())
+
+
+@pytest.mark.parametrize('name,case', FIRST_CASES)
+def test_pretrained_with_output_norms_of_other_outputs(name, case, save_state):
+    """A detector trained with out norms on every output loads into one that
+    uses fewer outputs: the norms of the others are dropped, and said so."""
+    from vb_plugin import load_pretrained
+    norm = dict(type='GN', num_groups=2)
+    src = build(name, case, out_norm_cfg=norm)
+    path = save_state({f'backbone.{k}': v
+                       for k, v in src.state_dict().items()})
+    model = build(name, case, out_norm_cfg=norm, out_indices=(1, ))
+    report = load_pretrained(model, path, verbose=False)
+    assert report.dropped['output norm of a stage not in out_indices'] == [
+        'out_norms.0.weight', 'out_norms.0.bias'
+    ]
+    unbuilt = report.dropped['stage not built (past the last out_indices)']
+    for i in (2, 3):
+        assert f'out_norms.{i}.weight' in unbuilt
+    assert torch.equal(model.out_norms['1'].weight,
+                       src.out_norms['1'].weight)

@@ -1,8 +1,12 @@
 """Backbone families. Importing this registers them in mmengine's MODELS."""
 from .base import VBBackbone, check_frozen_stages, resolve_out_indices
+from .convnext import CONVNEXT_ARCHS, VBConvNeXt
+from .regnet import REGNET_ARCHS, VBRegNet
 from .resnet import RESNET_ARCHS, VBResNet
+from .timm_backbone import VBTimmBackbone
 
 __all__ = [
-    'VBBackbone', 'VBResNet', 'RESNET_ARCHS', 'check_frozen_stages',
-    'resolve_out_indices'
+    'VBBackbone', 'VBConvNeXt', 'CONVNEXT_ARCHS', 'VBResNet', 'RESNET_ARCHS',
+    'VBRegNet', 'REGNET_ARCHS',
+    'VBTimmBackbone', 'check_frozen_stages', 'resolve_out_indices'
 ]
