@@ -4,11 +4,17 @@
 config) registers the backbones in mmengine's root ``MODELS`` registry, so
 ``backbone=dict(type='VBResNet', ...)`` builds under mmdet's default scope.
 """
-from .models import VBBackbone, VBResNet
+from . import engine  # noqa: F401  (registers RNGStateHook)
+from .models import (VBBackbone, VBConvNeXt, VBRegNet, VBResNet,
+                     VBTimmBackbone)
 from .version import __version__
-from .weights import CheckpointError, LoadReport, load_pretrained
+from .weights import (CheckpointError, LoadReport,
+                      install_safe_mmengine_loader, load_pretrained)
+
+install_safe_mmengine_loader()
 
 __all__ = [
-    'VBBackbone', 'VBResNet', 'CheckpointError', 'LoadReport',
-    'load_pretrained', '__version__'
+    'VBBackbone', 'VBConvNeXt', 'VBRegNet', 'VBResNet', 'CheckpointError',
+    'LoadReport',
+    'VBTimmBackbone', 'load_pretrained', '__version__'
 ]

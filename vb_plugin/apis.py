@@ -1,9 +1,9 @@
-"""Helpers to build an mmdet detector from a config and exercise it.
+"""Library side of ``tools/``: configs, neck wiring, runners, smoke runs.
 
-Used by ``tools/demo.py`` and the tests: a synthetic batch (no dataset, no
-download), one real training step with mmdet's own losses and one
-prediction.
+The scripts in ``tools/`` only parse arguments and call these functions.
 """
+import os
+from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -22,6 +22,52 @@ def load_config(config: str, cfg_options: Optional[dict] = None) -> Config:
     return cfg
 
 
+def wire_neck_channels(cfg: Config) -> Optional[Tuple[int, ...]]:
+    """Fill or check ``cfg.model.neck.in_channels`` from the backbone.
+
+    With ``in_channels='auto'`` (or missing) the neck gets the backbone's
+    ``out_channels``. A list that disagrees raises a ``ValueError`` that gives
+    the right list, before any weights exist, instead of a conv shape error
+    deep inside the neck. The backbone is built on the ``meta`` device, so
+    this costs no memory and no initialisation.
+
+    Returns:
+        tuple | None: The backbone's out_channels, or None when the model has
+        no neck or its backbone has no ``out_channels``.
+
+    Example:
+        >>> cfg = Config(dict(model=dict(
+        ...     backbone=dict(type='VBResNet', depth=18, out_indices=(1, 2, 3)),
+        ...     neck=dict(type='FPN', in_channels='auto', out_channels=8))))
+        >>> wire_neck_channels(cfg), cfg.model.neck.in_channels
+        ((128, 256, 512), [128, 256, 512])
+    """
+    model = cfg.get('model', {})
+    neck = model.get('neck')
+    if not isinstance(neck, dict) or 'backbone' not in model:
+        return None
+    backbone_cfg = model.backbone.copy()
+    backbone_cfg.pop('init_cfg', None)
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    with torch.device('meta'):
+        backbone = MODELS.build(backbone_cfg)
+    channels = getattr(backbone, 'out_channels', None)
+    if channels is None:
+        return None
+    channels = tuple(int(c) for c in channels)
+    given = neck.get('in_channels', 'auto')
+    if given in (None, 'auto'):
+        neck.in_channels = list(channels)
+    elif [int(c) for c in given] != list(channels):
+        raise ValueError(
+            f'model.neck.in_channels={list(given)} does not match the '
+            f'backbone: {backbone_cfg.type} with out_indices='
+            f'{tuple(backbone.out_indices)} gives out_channels '
+            f"{list(channels)}. Set neck.in_channels={list(channels)} or "
+            "'auto'.")
+    return channels
+
+
 def build_detector(cfg: Config, pretrained: bool = True) -> nn.Module:
     """Build ``cfg.model`` under the config's default scope (mmdet).
 
@@ -30,6 +76,7 @@ def build_detector(cfg: Config, pretrained: bool = True) -> nn.Module:
         pretrained (bool): Keep the backbone's pretrained ``init_cfg``. With
             False it is dropped, for machines without the weights.
     """
+    wire_neck_channels(cfg)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     model_cfg = cfg.model.copy()
     if not pretrained:
@@ -101,3 +148,126 @@ def train_step_and_predict(model: nn.Module,
     with torch.no_grad():
         preds = model.test_step(batch)
     return losses, preds
+
+
+def setup_runner_config(cfg: Config,
+                        config_path: str,
+                        work_dir: Optional[str] = None,
+                        resume: Optional[str] = None,
+                        amp: bool = False,
+                        launcher: str = 'none') -> Config:
+    """Apply the usual mmdet tool flags to ``cfg`` (as mmdet's
+    ``tools/train.py`` does) and wire the neck.
+
+    Args:
+        cfg (Config): The loaded config (``--cfg-options`` already merged).
+        config_path (str): Its file, for the default work dir.
+        work_dir (str, optional): ``--work-dir``; else the config's, else
+            ``work_dirs/<config name>``.
+        resume (str, optional): ``--resume``: 'auto' for the latest
+            checkpoint in the work dir, or a checkpoint path.
+        amp (bool): ``--amp``: mixed precision with dynamic loss scaling.
+        launcher (str): 'none' or 'pytorch' (torchrun), 'slurm', 'mpi'.
+
+    It also adds :class:`vb_plugin.engine.RNGStateHook`, so that a resumed
+    run continues exactly as an uninterrupted one.
+    """
+    cfg.launcher = launcher
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = os.path.join('work_dirs', Path(config_path).stem)
+    if amp:
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    if resume == 'auto':
+        cfg.resume, cfg.load_from = True, None
+    elif resume is not None:
+        cfg.resume, cfg.load_from = True, resume
+    wire_neck_channels(cfg)
+    hooks = cfg.get('custom_hooks') or []
+    if not any(h.get('type') == 'RNGStateHook' for h in hooks):
+        cfg.custom_hooks = [*hooks, dict(type='RNGStateHook')]
+    if launcher != 'none' and not torch.cuda.is_available():
+        _setup_cpu_distributed(cfg)
+    return cfg
+
+
+def _setup_cpu_distributed(cfg: Config) -> None:
+    """Multi-process training without GPUs.
+
+    mmengine's pytorch launcher calls ``torch.cuda.set_device`` before it
+    creates the process group, and wraps the model with
+    ``device_ids=[LOCAL_RANK]``; both fail on CPU. The process group is made
+    here with gloo (mmengine then skips its own), and DDP gets
+    ``device_ids=None``, as CPU modules need.
+    """
+    import torch.distributed as dist
+    backend = cfg.get('env_cfg', {}).get('dist_cfg', {}).get('backend')
+    if backend not in (None, 'gloo'):
+        raise ValueError(f'env_cfg.dist_cfg.backend={backend!r} needs GPUs; '
+                         "use 'gloo' for multi-process training on CPU")
+    if cfg.launcher == 'pytorch' and not dist.is_initialized():
+        dist.init_process_group(backend='gloo')
+    wrapper = cfg.get('model_wrapper_cfg') or dict(
+        type='MMDistributedDataParallel', broadcast_buffers=False)
+    wrapper.setdefault('device_ids', None)
+    cfg.model_wrapper_cfg = wrapper
+
+
+def build_runner(cfg: Config):
+    """The Runner the config asks for (``runner_type``), as mmdet does."""
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    if 'runner_type' in cfg:
+        return RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)
+
+
+def run_demo(config: str,
+             work_dir: str,
+             data_root: str = 'data/toy_coco',
+             max_iters: Optional[int] = None,
+             log_level: str = 'WARNING') -> str:
+    """Generate the toy data, train, evaluate; return a printable summary.
+
+    Args:
+        config (str): A toy-dataset config.
+        work_dir (str): Where logs and checkpoints go.
+        data_root (str): Where the toy dataset is written (if missing).
+        max_iters (int, optional): Override the schedule's length.
+        log_level (str): mmengine's console log level (the progress bar and
+            the summary are printed regardless).
+    """
+    from .datasets import make_toy_coco
+    root = Path(data_root)
+    if not (root / 'annotations' / 'val.json').is_file():
+        make_toy_coco(str(root))
+    # Evaluate once, after training (not also inside the training loop).
+    options = {'log_level': log_level, 'train_cfg.val_begin': 10**9}
+    if max_iters is not None:
+        options['train_cfg.max_iters'] = max_iters
+    cfg = load_config(config, options)
+    setup_runner_config(cfg, config, work_dir=work_dir)
+    cfg.custom_hooks = [*cfg.custom_hooks, dict(type='ProgressBarHook')]
+    runner = build_runner(cfg)
+    runner.train()
+    metrics = runner.val_loop.run()
+    backbone = runner.model.backbone
+    bcfg = {k: v for k, v in cfg.model.backbone.items() if k != 'type'}
+    ckpt = Path(cfg.work_dir) / f'iter_{runner.iter}.pth'
+    lines = [
+        'vb_plugin demo summary',
+        f'  config:     {config}',
+        f'  backbone:   {type(backbone).__name__}({bcfg})',
+        f'              out_channels={backbone.out_channels}, '
+        f'out_strides={backbone.out_strides}',
+        f'  trained:    {runner.iter} iterations on {data_root}',
+        f"  bbox AP:    {metrics['coco/bbox_mAP']:.3f} "
+        f"(AP50 {metrics['coco/bbox_mAP_50']:.3f})",
+        f"  segm AP:    {metrics['coco/segm_mAP']:.3f} "
+        f"(AP50 {metrics['coco/segm_mAP_50']:.3f})",
+        f'  logs:       {Path(cfg.work_dir) / runner.timestamp}',
+        f'  checkpoint: {ckpt}',
+    ]
+    return '\n'.join(lines)

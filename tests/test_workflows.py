@@ -1,0 +1,199 @@
+"""Configs, tools, the toy dataset, resume and multi-process training.
+
+Everything here runs the real thing: mmengine's Runner through
+``tools/train.py`` and ``tools/test.py`` in subprocesses, mmdet's CocoMetric,
+and torchrun for the multi-process run.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from vb_plugin.apis import (build_detector, load_config,
+                            synthetic_detection_batch, train_step_and_predict,
+                            wire_neck_channels)
+from vb_plugin.datasets import TOY_CLASSES, make_toy_coco
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY_CONFIG = ROOT / 'configs/mask_rcnn/mask-rcnn_vb-r18_fpn_toy.py'
+CONFIGS = sorted(p for p in (ROOT / 'configs').rglob('*.py')
+                 if '_base_' not in p.parts)
+
+
+def test_toy_dataset_is_deterministic_and_valid(tmp_path):
+    a = make_toy_coco(tmp_path / 'a', {'train': 6, 'val': 3}, seed=1)
+    b = make_toy_coco(tmp_path / 'b', {'train': 6, 'val': 3}, seed=1)
+    for split in ('train', 'val'):
+        assert a[split].read_bytes() == b[split].read_bytes()
+        for img in sorted((tmp_path / 'a' / split).iterdir()):
+            assert img.read_bytes() == (tmp_path / 'b' / split /
+                                        img.name).read_bytes()
+    other = make_toy_coco(tmp_path / 'c', {'train': 6}, seed=2)
+    assert other['train'].read_bytes() != a['train'].read_bytes()
+
+    ann = json.loads(a['train'].read_text())
+    assert [c['name'] for c in ann['categories']] == list(TOY_CLASSES)
+    assert len(ann['images']) == 6 and ann['annotations']
+    for obj in ann['annotations']:
+        x, y, w, h = obj['bbox']
+        assert 0 <= x and 0 <= y and x + w <= 160 and y + h <= 160
+        assert w > 4 and h > 4 and 0 < obj['area'] <= w * h
+        poly = obj['segmentation'][0]
+        assert len(poly) >= 6 and len(poly) % 2 == 0
+        xs, ys = poly[0::2], poly[1::2]
+        assert min(xs) >= x - 1 and max(xs) <= x + w + 1
+        assert min(ys) >= y - 1 and max(ys) <= y + h + 1
+
+
+def test_neck_in_channels_auto_and_mismatch():
+    cfg = load_config(str(TOY_CONFIG))
+    assert cfg.model.neck.in_channels == 'auto'
+    assert wire_neck_channels(cfg) == (32, 64, 128, 256)
+    assert cfg.model.neck.in_channels == [32, 64, 128, 256]
+
+    cfg = load_config(str(TOY_CONFIG))
+    cfg.model.neck.in_channels = [256, 512, 1024, 2048]
+    with pytest.raises(ValueError, match=(
+            r'model\.neck\.in_channels=\[256, 512, 1024, 2048\] does not '
+            r'match the backbone: VBResNet with out_indices=\(0, 1, 2, 3\) '
+            r'gives out_channels \[32, 64, 128, 256\]\. Set '
+            r"neck\.in_channels=\[32, 64, 128, 256\] or 'auto'\.")):
+        wire_neck_channels(cfg)
+
+
+@pytest.mark.parametrize('config', CONFIGS,
+                         ids=[p.stem for p in CONFIGS])
+def test_every_config_builds_and_trains_one_step(config):
+    cfg = load_config(str(config))
+    model = build_detector(cfg, pretrained=False)
+    assert list(model.backbone.out_channels) == cfg.model.neck.in_channels
+    num_classes = cfg.model.roi_head.bbox_head.num_classes \
+        if 'roi_head' in cfg.model else cfg.model.bbox_head.num_classes
+    batch = synthetic_detection_batch(num_images=2, size=(128, 160),
+                                      num_classes=num_classes)
+    losses, preds = train_step_and_predict(model, batch)
+    assert torch.isfinite(losses['loss'])
+    assert len(preds) == 2
+
+
+def run_tool(tool, *args, cwd, timeout=900, env=None):
+    cmd = [sys.executable, str(ROOT / 'tools' / tool), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def logged_losses(work_dir):
+    rows = []
+    for scalars in sorted(Path(work_dir).glob('*/vis_data/scalars.json')):
+        for line in scalars.read_text().splitlines():
+            row = json.loads(line)
+            if 'loss' in row:
+                rows.append({k: v for k, v in row.items()
+                             if k.startswith('loss') or k == 'iter'})
+    return rows
+
+
+@pytest.fixture(scope='module')
+def small_toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp('toy')
+    make_toy_coco(root / 'data' / 'toy_coco', {'train': 16, 'val': 4})
+    return root
+
+
+SHORT_RUN = ['train_cfg.val_interval=1000', 'default_hooks.logger.interval=1',
+             'default_hooks.checkpoint.interval=2',
+             'train_dataloader.batch_size=2']
+
+
+def test_resume_equals_uninterrupted_run(small_toy):
+    full, split = small_toy / 'full', small_toy / 'split'
+    run_tool('train.py', TOY_CONFIG, '--work-dir', full, '--cfg-options',
+             'train_cfg.max_iters=4', *SHORT_RUN, cwd=small_toy)
+    run_tool('train.py', TOY_CONFIG, '--work-dir', split, '--cfg-options',
+             'train_cfg.max_iters=2', *SHORT_RUN, cwd=small_toy)
+    proc = run_tool('train.py', TOY_CONFIG, '--work-dir', split, '--resume',
+                    '--cfg-options', 'train_cfg.max_iters=4', *SHORT_RUN,
+                    cwd=small_toy)
+    assert 'Auto resumed from the latest checkpoint' in proc.stdout + \
+        proc.stderr
+    # Same losses at every iteration, before and after the interruption.
+    full_log, split_log = logged_losses(full), logged_losses(split)
+    assert [r['iter'] for r in full_log] == [1, 2, 3, 4]
+    assert full_log == split_log
+    # Same final weights, bit for bit.
+    from vb_plugin.weights import read_checkpoint
+    a = read_checkpoint(full / 'iter_4.pth')
+    b = read_checkpoint(split / 'iter_4.pth')
+    assert a['meta']['iter'] == b['meta']['iter'] == 4
+    assert a['state_dict'].keys() == b['state_dict'].keys()
+    for key, value in a['state_dict'].items():
+        assert torch.equal(value, b['state_dict'][key]), key
+
+
+def test_two_process_training_on_cpu(small_toy):
+    work_dir = small_toy / 'dist'
+    env = dict(os.environ, PYTHON=sys.executable, PORT='29517',
+               OMP_NUM_THREADS='1')
+    proc = subprocess.run(
+        ['bash', str(ROOT / 'tools' / 'dist_train.sh'), str(TOY_CONFIG), '2',
+         '--work-dir', str(work_dir), '--cfg-options',
+         'train_cfg.max_iters=2', *SHORT_RUN],
+        cwd=small_toy, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (proc.stdout + proc.stderr)
+    assert 'Distributed launcher: pytorch' in log
+    assert 'Distributed training: True' in log
+    assert 'GPU number: 2' in log  # mmengine's name for the world size
+    from vb_plugin.weights import read_checkpoint
+    ckpt = read_checkpoint(work_dir / 'iter_2.pth')
+    assert ckpt['meta']['iter'] == 2
+    assert any(k.startswith('backbone.layer4') for k in ckpt['state_dict'])
+
+
+def coco_metrics(output):
+    import re
+    found = dict(re.findall(r'(coco/\w+): (-?[\d.]+)', output))
+    return {k: float(v) for k, v in found.items()}
+
+
+@pytest.mark.slow
+def test_demo_schedule_learns_and_survives_resume(tmp_path):
+    """train (interrupted half-way) -> resume -> evaluate with tools/test.py,
+    against the same evaluation of the untrained model."""
+    make_toy_coco(tmp_path / 'data' / 'toy_coco')
+    cfg = Config.fromfile(TOY_CONFIG)
+    half = cfg.train_cfg.max_iters // 2
+    work = tmp_path / 'work'
+    no_val = ['train_cfg.val_begin=1000000']
+    run_tool('train.py', TOY_CONFIG, '--work-dir', work, '--cfg-options',
+             f'train_cfg.max_iters={half}', *no_val, cwd=tmp_path,
+             timeout=3600)
+    run_tool('train.py', TOY_CONFIG, '--work-dir', work, '--resume',
+             '--cfg-options', *no_val, cwd=tmp_path, timeout=3600)
+    final = work / f'iter_{cfg.train_cfg.max_iters}.pth'
+    trained = coco_metrics(run_tool('test.py', TOY_CONFIG, final,
+                                    '--work-dir', tmp_path / 'eval',
+                                    cwd=tmp_path).stdout)
+
+    torch.manual_seed(0)
+    untrained_model = build_detector(load_config(str(TOY_CONFIG)),
+                                     pretrained=False)
+    untrained_ckpt = tmp_path / 'untrained.pth'
+    torch.save({'state_dict': untrained_model.state_dict()}, untrained_ckpt)
+    untrained = coco_metrics(run_tool('test.py', TOY_CONFIG, untrained_ckpt,
+                                      '--work-dir', tmp_path / 'eval0',
+                                      cwd=tmp_path).stdout)
+    print(f'bbox mAP trained {trained["coco/bbox_mAP"]:.3f} vs untrained '
+          f'{untrained["coco/bbox_mAP"]:.3f}; segm mAP trained '
+          f'{trained["coco/segm_mAP"]:.3f} vs untrained '
+          f'{untrained["coco/segm_mAP"]:.3f}')
+    assert untrained['coco/bbox_mAP'] < 0.01
+    assert trained['coco/bbox_mAP'] >= 0.3
+    assert trained['coco/segm_mAP'] >= 0.3
