@@ -66,6 +66,27 @@ def test_neck_in_channels_auto_and_mismatch():
         wire_neck_channels(cfg)
 
 
+def test_runner_config_flags(tmp_path):
+    from vb_plugin.apis import setup_runner_config
+    cfg = setup_runner_config(load_config(str(TOY_CONFIG)), str(TOY_CONFIG))
+    assert cfg.work_dir == 'work_dirs/mask-rcnn_vb-r18_fpn_toy'
+    assert cfg.launcher == 'none' and not cfg.get('resume', False)
+    assert cfg.model.neck.in_channels == [32, 64, 128, 256]
+    assert dict(type='RNGStateHook') in cfg.custom_hooks
+    cfg = setup_runner_config(load_config(str(TOY_CONFIG)), str(TOY_CONFIG),
+                              work_dir=str(tmp_path), resume='auto')
+    assert (cfg.work_dir, cfg.resume, cfg.load_from) == (str(tmp_path), True,
+                                                         None)
+    cfg = setup_runner_config(load_config(str(TOY_CONFIG)), str(TOY_CONFIG),
+                              resume='x/iter_2.pth')
+    assert (cfg.resume, cfg.load_from) == (True, 'x/iter_2.pth')
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r'amp=True \(--amp\) needs a '
+                           r'GPU'):
+            setup_runner_config(load_config(str(TOY_CONFIG)),
+                                str(TOY_CONFIG), amp=True)
+
+
 @pytest.mark.parametrize('config', CONFIGS,
                          ids=[p.stem for p in CONFIGS])
 def test_every_config_builds_and_trains_one_step(config):

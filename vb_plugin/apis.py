@@ -178,6 +178,9 @@ def setup_runner_config(cfg: Config,
     elif cfg.get('work_dir') is None:
         cfg.work_dir = os.path.join('work_dirs', Path(config_path).stem)
     if amp:
+        if not torch.cuda.is_available():
+            raise ValueError('amp=True (--amp) needs a GPU: mmengine\'s '
+                             'AmpOptimWrapper supports no CPU training')
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
     if resume == 'auto':
