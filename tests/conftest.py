@@ -22,6 +22,22 @@ def pytest_configure(config):
         'them with `make test-all`')
 
 
+def randomize_bn(model):
+    """Non-trivial batch-norm statistics and affine terms (every BN-like
+    layer), so that a wrong mapping or conversion shows. Returns the model.
+    """
+    from vb_plugin.layers import is_batch_norm
+    with torch.no_grad():
+        for m in model.modules():
+            if is_batch_norm(m):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
 def max_abs_diff(a, b) -> float:
     """Largest absolute difference between two tensors or tuples of them."""
     if isinstance(a, (tuple, list)):

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 from backbone_cases import BACKBONE_CASES, build, case_id, iter_cases
-from conftest import max_abs_diff
+from conftest import max_abs_diff, randomize_bn
 from mmengine.registry import MODELS
 from torch import nn
 
@@ -228,15 +228,7 @@ def test_norm_eval(name, case):
 @pytest.mark.parametrize('name,case', CASES)
 @pytest.mark.parametrize('frozen_stages', [0, 2])
 def test_frozen_bn(name, case, frozen_stages):
-    ref = build(name, case, frozen_stages=frozen_stages)
-    # Non-trivial statistics, so that a wrong conversion shows.
-    with torch.no_grad():
-        for m in ref.modules():
-            if is_batch_norm(m):
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.5, 2)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-1, 1)
+    ref = randomize_bn(build(name, case, frozen_stages=frozen_stages))
     model = build(name, case, frozen_stages=frozen_stages, frozen_bn=True)
     assert list(model.state_dict()) == list(ref.state_dict())
     model.load_state_dict(ref.state_dict())

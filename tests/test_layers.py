@@ -5,19 +5,11 @@ import torch.distributed as dist
 from mmcv.ops import SyncBatchNorm as MMCVSyncBatchNorm
 from timm.layers import BatchNormAct2d
 from timm.layers import convert_sync_batchnorm
+from conftest import randomize_bn
 from torch import nn
 
 from vb_plugin.layers import (FrozenBatchNorm2d, FrozenBatchNormAct2d,
                               freeze_batch_norms, is_batch_norm)
-
-
-def randomized(bn):
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-1, 1)
-    return bn.eval()
 
 
 @pytest.fixture
@@ -35,7 +27,7 @@ def process_group(tmp_path):
     lambda: MMCVSyncBatchNorm(4),
 ])
 def test_batch_norms_freeze_to_same_keys_and_outputs(make, process_group):
-    bn = randomized(make())
+    bn = randomize_bn(make()).eval()
     assert is_batch_norm(bn)
     frozen = freeze_batch_norms(bn)
     assert type(frozen) is FrozenBatchNorm2d
@@ -52,7 +44,7 @@ def test_norm_act_keeps_its_activation_when_frozen(sync):
     if sync:  # timm's SyncBatchNormAct, as timm's converter makes it
         bn = convert_sync_batchnorm(nn.Sequential(bn))[0]
         assert type(bn).__name__ == 'SyncBatchNormAct'
-    bn = randomized(bn)
+    bn = randomize_bn(bn).eval()
     frozen = freeze_batch_norms(nn.Sequential(bn))[0]
     assert type(frozen) is FrozenBatchNormAct2d
     assert isinstance(frozen.act, nn.ReLU)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import max_abs_diff
+from conftest import max_abs_diff, randomize_bn
 from mmengine.config import Config
 
 from vb_plugin import CheckpointError, VBRegNet, load_pretrained
@@ -33,17 +33,6 @@ def timm_name(name: str) -> str:
     mf = float(size[:-2]) * (1000 if size.endswith('gf') else 1)
     return f'{xy}_{round(mf / 100):03d}'
 
-
-def randomize_bn(model):
-    """Non-trivial BN statistics, so that a wrong mapping shows."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model
 
 
 def num_params(model) -> int:

@@ -5,7 +5,7 @@ VBResNet through the public loader, and compared output by output.
 """
 import pytest
 import torch
-from conftest import max_abs_diff
+from conftest import max_abs_diff, randomize_bn
 from mmdet.models.backbones import ResNet as MMDetResNet
 
 from vb_plugin import VBResNet, load_pretrained
@@ -13,17 +13,6 @@ from vb_plugin.models.resnet import RESNET_ARCHS
 
 TOL = 1e-5
 
-
-def randomize_bn(model):
-    """Non-trivial BN statistics, so that a wrong mapping shows."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model
 
 
 MMDET_VARIANTS = [

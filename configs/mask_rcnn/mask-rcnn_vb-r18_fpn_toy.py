@@ -26,7 +26,7 @@ model = dict(
         mask_roi_extractor=dict(out_channels=64),
         mask_head=dict(in_channels=64, conv_out_channels=64, num_classes=3)))
 
-max_iters = 600
+max_iters = 400
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters,
                  val_interval=max_iters)
 val_cfg = dict(type='ValLoop')

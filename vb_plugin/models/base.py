@@ -322,6 +322,26 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
 
     # ------------------------------------------------------------------
     # Weights.
+    def pretrained_init_cfg(self) -> Optional[dict]:
+        """The ``init_cfg`` of type 'Pretrained', checked, or None.
+
+        Raises:
+            ValueError: On keys other than checkpoint, prefix and source, or
+                without a checkpoint.
+        """
+        cfg = self.init_cfg
+        if not (isinstance(cfg, dict) and cfg.get('type') == 'Pretrained'):
+            return None
+        extra = set(cfg) - {'type', 'checkpoint', 'prefix', 'source'}
+        if extra:
+            raise ValueError(
+                f'init_cfg: unknown keys {sorted(extra)} for '
+                "type='Pretrained'; allowed: checkpoint, prefix, source")
+        if 'checkpoint' not in cfg:
+            raise ValueError("init_cfg of type='Pretrained' needs "
+                             "'checkpoint' (a file path)")
+        return cfg
+
     def init_weights(self) -> None:
         """Initialise; ``init_cfg`` of type 'Pretrained' loads strictly.
 
@@ -329,18 +349,9 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
         would silently skip mismatched keys; a pretrained ``init_cfg`` is
         therefore routed through :func:`vb_plugin.load_pretrained`.
         """
-        cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+        cfg = self.pretrained_init_cfg()
+        if cfg is not None:
             from ..weights import load_pretrained
-            extra = set(cfg) - {'type', 'checkpoint', 'prefix', 'source',
-                                'map_location'}
-            if extra:
-                raise ValueError(
-                    f'init_cfg: unknown keys {sorted(extra)} for '
-                    "type='Pretrained'; allowed: checkpoint, prefix, source")
-            if 'checkpoint' not in cfg:
-                raise ValueError("init_cfg of type='Pretrained' needs "
-                                 "'checkpoint' (a file path)")
             self.init_default_weights()
             load_pretrained(self, cfg['checkpoint'],
                             source=cfg.get('source', 'auto'),

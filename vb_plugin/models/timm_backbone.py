@@ -478,17 +478,9 @@ class VBTimmBackbone(VBBackbone):
         through timm's pipeline, see :func:`vb_plugin.weights.timm.
         load_timm_pretrained`. Both are strict and log a report.
         """
-        cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+        cfg = self.pretrained_init_cfg()
+        if cfg is not None:
             from ..weights.timm import load_timm_pretrained
-            extra = set(cfg) - {'type', 'checkpoint', 'prefix', 'source'}
-            if extra:
-                raise ValueError(
-                    f'init_cfg: unknown keys {sorted(extra)} for '
-                    "type='Pretrained'; allowed: checkpoint, prefix, source")
-            if 'checkpoint' not in cfg:
-                raise ValueError("init_cfg of type='Pretrained' needs "
-                                 "'checkpoint' (a file path)")
             load_timm_pretrained(self, cfg['checkpoint'],
                                  prefix=cfg.get('prefix'),
                                  source=cfg.get('source', 'auto'))
