@@ -31,6 +31,7 @@ setup(
         'mmengine>=0.10,<1.0',
         'mmcv>=2.0.0rc4,<2.2.0',
         'mmdet>=3.0,<3.4',
+        'mmsegmentation[multimodal]==1.2.2',
         'timm>=1.0.20',
         'safetensors>=0.4',
         'numpy',

@@ -70,6 +70,13 @@ class VBResNet(VBBackbone):
         dilations (Sequence[int], optional): Dilation of each stage. Defaults
             to all 1. With ``strides=(1, 2, 1, 1)`` and
             ``dilations=(1, 1, 2, 4)`` the output stride is 8.
+        contract_dilation (bool): Halve the dilation of the first block of
+            every stage whose dilation is > 1, as mmseg's ResNet does with
+            ``contract_dilation=True`` (every mmseg ResNetV1c config, e.g.
+            DeepLabV3+ R-50-D8: stage 3 starts with dilation 1, stage 4 with
+            2). Defaults to False (mmdet's ResNet, and mmseg's own default):
+            every block gets the stage's dilation. Weights are the same
+            either way; outputs are not.
         style (str): 'pytorch' puts the stride on the 3x3 conv, 'caffe' on
             the first 1x1 conv. Defaults to 'pytorch'.
         deep_stem (bool): Three 3x3 convs as the stem (V1c). Defaults to
@@ -110,6 +117,7 @@ class VBResNet(VBBackbone):
                  num_stages: int = 4,
                  strides: Optional[Sequence[int]] = None,
                  dilations: Optional[Sequence[int]] = None,
+                 contract_dilation: bool = False,
                  style: str = 'pytorch',
                  deep_stem: bool = False,
                  avg_down: bool = False,
@@ -152,6 +160,10 @@ class VBResNet(VBBackbone):
         self.stage_with_dcn = _check_per_stage(
             'stage_with_dcn', (True, ) * num_stages
             if stage_with_dcn is None else stage_with_dcn, num_stages)
+        if not isinstance(contract_dilation, bool):
+            raise TypeError(f'contract_dilation must be True or False, got '
+                            f'{contract_dilation!r}')
+        self.contract_dilation = contract_dilation
         self.style = style
         self.deep_stem = deep_stem
         self.avg_down = avg_down
@@ -228,15 +240,15 @@ class VBResNet(VBBackbone):
         planes = self.base_channels * 2**i
         inplanes = (self.stem_channels
                     if i == 0 else self.base_channels * 2**(i - 1) * expansion)
-        self.add_module(
-            f'layer{i + 1}',
-            ResLayer(
+
+        def res_layer(num_blocks: int, dilation: int) -> ResLayer:
+            return ResLayer(
                 block=self.arch.block,
                 inplanes=inplanes,
                 planes=planes,
-                num_blocks=self.arch.stage_blocks[i],
+                num_blocks=num_blocks,
                 stride=self.strides[i],
-                dilation=self.dilations[i],
+                dilation=dilation,
                 style=self.style,
                 avg_down=self.avg_down,
                 conv_cfg=self.conv_cfg,
@@ -244,7 +256,17 @@ class VBResNet(VBBackbone):
                 # NOTE: mmdet's Bottleneck pops keys from its dcn dict, so
                 # each stage gets its own copy.
                 dcn=copy.deepcopy(self.dcn) if self.stage_with_dcn[i] else
-                None))
+                None)
+
+        dilation = self.dilations[i]
+        layer = res_layer(self.arch.stage_blocks[i], dilation)
+        if self.contract_dilation and dilation > 1:
+            # NOTE: mmdet's ResLayer gives every block the same dilation;
+            # mmseg's contracts the first one. Only the first block (with
+            # the stage's stride and shortcut) is rebuilt, so module names
+            # and parameter shapes stay those of mmdet's ResNet.
+            layer[0] = res_layer(1, dilation // 2)[0]
+        self.add_module(f'layer{i + 1}', layer)
 
     def init_default_weights(self) -> None:
         for m in self.modules():
