@@ -7,6 +7,7 @@ config) registers the backbones in mmengine's root ``MODELS`` registry, so
 from . import engine  # noqa: F401  (registers RNGStateHook)
 from .models import (VBBackbone, VBConvNeXt, VBRegNet, VBResNet,
                      VBTimmBackbone)
+from .inference import optimize_for_inference
 from .version import __version__
 from .weights import (CheckpointError, LoadReport,
                       install_safe_mmengine_loader, load_pretrained)
@@ -15,6 +16,6 @@ install_safe_mmengine_loader()
 
 __all__ = [
     'VBBackbone', 'VBConvNeXt', 'VBRegNet', 'VBResNet', 'CheckpointError',
-    'LoadReport',
+    'LoadReport', 'optimize_for_inference',
     'VBTimmBackbone', 'load_pretrained', '__version__'
 ]

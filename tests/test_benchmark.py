@@ -1,0 +1,180 @@
+"""The benchmark library and tools/benchmark.py: rows, output schema, CLI.
+
+No timing assertions: only structure, schema and correctness.
+"""
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vb_plugin import benchmark as bm
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(height=32, width=32, warmup=0, iters=2, threads=1)
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def _load_tool():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'benchmark_tool', ROOT / 'tools' / 'benchmark.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_rows_puts_vb_first_then_importable_peers_then_forms():
+    rows = bm.make_rows(['resnet18'], forms=('optimized', 'bf16'))
+    assert [r.kind for r in rows] == ['vb', 'peer', 'peer', 'peer',
+                                      'optimized', 'bf16']
+    assert rows[0].name == 'VBResNet'
+    assert {r.name for r in rows if r.kind == 'peer'} == {
+        'mmdet ResNet', 'timm resnet18', 'HF ResNetBackbone'}
+    # mmpretrain is not installed here: its row is left out, not an error.
+    names = [r.name for r in bm.make_rows(['convnext_atto'])]
+    assert ('mmpretrain ConvNeXt' in names) == bm._importable('mmpretrain')
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(archs=['resnet51']), "arch='resnet51'"),
+    (dict(archs=['resnet18'], forms=['fast']), "form='fast'"),
+])
+def test_make_rows_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bm.make_rows(**kwargs)
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('mode', 'speed', "mode='speed'"),
+    ('dtype', 'fp16', "dtype='fp16'"),
+    ('iters', 0, 'iters=0'),
+    ('warmup', -1, 'warmup=-1'),
+])
+def test_settings_errors(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        bm.Settings(**{field: value}).check()
+    with pytest.raises(ValueError, match='config'):
+        bm.Settings(mode='detector').check()
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'convnext_atto',
+                                  'regnetx_400mf'])
+def test_every_peer_gives_the_vb_shapes(arch):
+    x = torch.rand(1, 3, 64, 64)
+    shapes = {}
+    for row in bm.make_rows([arch], forms=()):
+        model = row.build()
+        model.eval()  # NOTE: mmdet's ResNet.train() returns None
+        with torch.inference_mode():
+            outs = model(x)
+        shapes[row.name] = [tuple(o.shape) for o in outs]
+    first = next(iter(shapes.values()))
+    assert all(s == first for s in shapes.values()), shapes
+
+
+def test_percentile_and_busy_warning():
+    assert bm.percentile([5.], 90) == 5.
+    assert bm.percentile([1, 2, 3, 4, 5], 90) == pytest.approx(4.6)
+    assert bm.busy_warning(100., 2) is not None
+
+
+def _run(tmp_path, rows, **settings):
+    out = bm.run_benchmark(rows, bm.Settings(**{**TINY, **settings}),
+                           progress=False, log=lambda s: None)
+    return out, bm.write_outputs(out, tmp_path)
+
+
+def test_outputs_schema(tmp_path):
+    rows = bm.make_rows(['resnet18'], forms=('optimized', ))
+    out, paths = _run(tmp_path, rows)
+    with open(paths['csv']) as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == bm.COLUMNS
+        records = list(reader)
+    assert [r['name'] for r in records] == [r.name for r in rows]
+    data = json.loads(paths['json'].read_text())
+    assert set(data) == {'meta', 'rows'}
+    for key in ('settings', 'torch', 'threads', 'peak', 'cpu_count',
+                'load_average_start', 'load_average_end', 'busy_warning'):
+        assert key in data['meta']
+    assert data['meta']['threads'] == 1
+    assert {'matmul_gflops', 'conv_gflops', 'peak_gflops'} <= set(
+        data['meta']['peak'])
+    for row in data['rows']:
+        assert set(row) == set(bm.COLUMNS)
+        assert row['median_ms'] > 0 and row['p10_ms'] <= row['p90_ms']
+        assert row['params_m'] > 0 and row['gmacs'] > 0
+        assert row['pct_of_peak'] > 0
+    vb, opt = data['rows'][0], data['rows'][-1]
+    assert vb['ratio_to_first'] == 1 and vb['max_abs_diff'] is None
+    assert opt['memory_format'] == 'channels_last'
+    assert opt['max_abs_diff'] <= 1e-4
+    assert opt['gmacs'] == vb['gmacs']
+    png = paths['png'].read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 1000
+    assert paths['md'].read_text().startswith('| arch')
+
+
+@pytest.mark.parametrize('mode', ['neck', 'train'])
+def test_neck_and_train_modes(tmp_path, mode):
+    rows = bm.make_rows(['regnetx_400mf'],
+                        forms=() if mode == 'train' else ('optimized', ))
+    out, _ = _run(tmp_path, rows, mode=mode, complexity=False)
+    assert all(r.mode == mode and r.median_ms > 0 for r in out['rows'])
+    assert all(not r.note.startswith('failed') for r in out['rows'])
+    if mode == 'neck':
+        assert out['rows'][-1].max_abs_diff <= 1e-4
+
+
+def test_failed_row_is_recorded_not_fatal(tmp_path):
+    def broken(train=False):
+        raise RuntimeError('boom')
+
+    rows = [bm.Row('x', 'broken', 'peer', broken)]
+    out, paths = _run(tmp_path, rows, complexity=False)
+    assert out['rows'][0].note.startswith('failed: RuntimeError: boom')
+    assert math.isnan(out['rows'][0].median_ms)
+    assert paths['png'].exists()
+
+
+def test_cli_main_end_to_end(tmp_path, capsys):
+    tool = _load_tool()
+    out = tool.main(['--arch', 'resnet18', '--no-peers', '--size', '32', '32',
+                     '--warmup', '0', '--iters', '2', '--threads', '1',
+                     '--forms', 'optimized', 'bf16', '--no-progress',
+                     '--out-dir', str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert '| VBResNet optimized' in printed and 'load average' in printed
+    assert [r.kind for r in out['rows']] == ['vb', 'optimized', 'bf16']
+    bf16 = out['rows'][-1]
+    assert bf16.dtype == 'bf16' and bf16.note == ''
+    for ext in ('csv', 'json', 'png', 'md'):
+        assert (tmp_path / f'benchmark.{ext}').is_file()
+
+
+def test_cli_detector_mode(tmp_path):
+    tool = _load_tool()
+    config = ROOT / 'configs/mask_rcnn/mask-rcnn_vb-r18_fpn_toy.py'
+    out = tool.main(['--mode', 'detector', '--config', str(config),
+                     '--size', '64', '64', '--warmup', '0', '--iters', '1',
+                     '--threads', '1', '--no-complexity', '--no-progress',
+                     '--out-dir', str(tmp_path)])
+    names = [r.name for r in out['rows']]
+    assert names == [config.stem, f'{config.stem} optimized']
+    assert all(not r.note for r in out['rows']), out['rows']
+    assert out['rows'][-1].max_abs_diff <= 1e-4
+
+
+@pytest.mark.slow
+def test_cli_subprocess(tmp_path):
+    cmd = [sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--arch',
+           'convnext_atto', '--size', '32', '32', '--warmup', '0', '--iters',
+           '1', '--threads', '1', '--out-dir', str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / 'benchmark.json').read_text())['rows']

@@ -1,0 +1,90 @@
+"""Time VB backbones next to their peers on this machine (CPU or CUDA).
+
+Writes a table (stdout and ``benchmark.md``), ``benchmark.csv``,
+``benchmark.json`` and ``benchmark.png`` into ``--out-dir``. See
+docs/performance.md.
+
+Examples:
+    python tools/benchmark.py --arch resnet50 convnext_tiny regnetx_3.2gf \\
+        --forms optimized compiled
+    python tools/benchmark.py --arch resnet50 --mode train
+    python tools/benchmark.py --mode detector \\
+        --config configs/mask_rcnn/mask-rcnn_vb-r18_fpn_toy.py
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vb_plugin.benchmark import (ARCHITECTURES, DTYPES, FORMS,  # noqa: E402
+                                 MODES, Settings, detector_rows,
+                                 format_table, make_rows, run_benchmark,
+                                 summarize, write_outputs)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--arch', nargs='+', default=['resnet50'],
+                   choices=sorted(ARCHITECTURES),
+                   help='architectures to time (default: resnet50)')
+    p.add_argument('--mode', default='backbone', choices=MODES,
+                   help='backbone alone, backbone + FPN, a training step '
+                   '(forward + backward, frozen_stages=1, norm_eval) or a '
+                   'whole detector (--config)')
+    p.add_argument('--config', help='mmdet config, for --mode detector')
+    p.add_argument('--forms', nargs='*', default=['optimized'],
+                   choices=list(FORMS),
+                   help='optimize_for_inference forms to add (default: '
+                   'optimized; none with --mode train)')
+    p.add_argument('--no-peers', action='store_true',
+                   help='time the VB rows only')
+    p.add_argument('--batch', type=int, default=1)
+    p.add_argument('--size', type=int, nargs=2, default=[640, 640],
+                   metavar=('H', 'W'))
+    p.add_argument('--warmup', type=int, default=5)
+    p.add_argument('--iters', type=int, default=20)
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--dtype', default='fp32', choices=list(DTYPES),
+                   help='dtype of every eager row')
+    p.add_argument('--channels-last', action='store_true',
+                   help='eager rows in channels_last too')
+    p.add_argument('--device', default='cpu', help="'cpu' or 'cuda[:N]'")
+    p.add_argument('--no-complexity', action='store_true',
+                   help='skip params/GMACs (and GFLOP/s)')
+    p.add_argument('--no-progress', action='store_true')
+    p.add_argument('--out-dir', default='work_dirs/benchmark')
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    forms = [] if args.mode == 'train' else args.forms
+    settings = Settings(
+        mode=args.mode, batch=args.batch, height=args.size[0],
+        width=args.size[1], warmup=args.warmup, iters=args.iters,
+        threads=args.threads, dtype=args.dtype,
+        channels_last=args.channels_last, device=args.device,
+        config=args.config, complexity=not args.no_complexity)
+    settings.check()
+    if args.mode == 'detector':
+        rows = detector_rows(args.config, forms)
+    else:
+        rows = make_rows(args.arch, peers=not args.no_peers, forms=forms)
+    out = run_benchmark(rows, settings, progress=not args.no_progress)
+    meta = out['meta']
+    print(format_table(out['rows']))
+    for line in summarize(out['rows']):
+        print(line)
+    print(f"peak probe: {meta['peak']['peak_gflops']:.1f} GFLOP/s "
+          f"(matmul {meta['peak']['matmul_gflops']:.1f}, conv "
+          f"{meta['peak']['conv_gflops']:.1f}); threads {meta['threads']}; "
+          f"load average {meta['load_average_start']:.2f} -> "
+          f"{meta['load_average_end']:.2f} on {meta['cpu_count']} cores")
+    paths = write_outputs(out, args.out_dir)
+    print('wrote ' + ', '.join(str(p) for p in paths.values()))
+    return out
+
+
+if __name__ == '__main__':
+    main()
