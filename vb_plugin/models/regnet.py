@@ -33,6 +33,7 @@ from torch import nn
 
 from ..weights.regnet import REGNET_SOURCES
 from .base import OptConfigType, VBBackbone
+from .resnet import CONV_BN_INIT_CFG
 
 #: Block widths are quantised to multiples of this (pycls ``QUANT``).
 WIDTH_QUANT = 8
@@ -494,11 +495,7 @@ class VBRegNet(VBBackbone):
         self.norm1_name = build_norm_layer(norm_cfg, stem_channels,
                                            postfix=1)[0]
         if init_cfg is None:
-            init_cfg = [
-                dict(type='Kaiming', layer='Conv2d'),
-                dict(type='Constant', val=1,
-                     layer=['_BatchNorm', 'GroupNorm'])
-            ]
+            init_cfg = copy.deepcopy(list(CONV_BN_INIT_CFG))
         super().__init__(
             stage_channels=stages.widths,
             stage_strides=[4 * 2**i for i in range(len(stages.widths))],

@@ -32,6 +32,12 @@ class ResNetArch:
     stage_blocks: Tuple[int, ...]
 
 
+#: mmdet's default initialisation of conv + BN backbones (ResNet, RegNet).
+CONV_BN_INIT_CFG = (
+    dict(type='Kaiming', layer='Conv2d'),
+    dict(type='Constant', val=1, layer=['_BatchNorm', 'GroupNorm']),
+)
+
 RESNET_ARCHS = {
     18: ResNetArch(BasicBlock, (2, 2, 2, 2)),
     34: ResNetArch(BasicBlock, (3, 4, 6, 3)),
@@ -187,11 +193,7 @@ class VBResNet(VBBackbone):
             stage_channels.append(base_channels * 2**i * expansion)
             stage_strides.append(stride)
         if init_cfg is None:
-            init_cfg = [
-                dict(type='Kaiming', layer='Conv2d'),
-                dict(type='Constant', val=1,
-                     layer=['_BatchNorm', 'GroupNorm'])
-            ]
+            init_cfg = copy.deepcopy(list(CONV_BN_INIT_CFG))
         super().__init__(
             stage_channels=stage_channels,
             stage_strides=stage_strides,
