@@ -178,3 +178,37 @@ def test_cli_subprocess(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((tmp_path / 'benchmark.json').read_text())['rows']
+
+
+def test_rows_are_timed_interleaved_in_rotating_order():
+    calls = []
+    fns = [lambda k=k: calls.append(k) for k in range(3)]
+    times = bm.time_interleaved(fns, iters=4)
+    assert [len(t) for t in times] == [4, 4, 4]
+    # Round i runs every row once, starting with row i mod 3.
+    assert calls == [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]
+
+
+def test_all_rows_of_an_architecture_are_prepared_before_timing(monkeypatch):
+    events = []
+    real_prepare, real_time = bm._prepare_row, bm.time_interleaved
+
+    def prepare(row, *args):
+        events.append(('prepare', row.arch, row.name))
+        return real_prepare(row, *args)
+
+    def timed(fns, *args, **kwargs):
+        events.append(('time', len(fns)))
+        return real_time(fns, *args, **kwargs)
+
+    monkeypatch.setattr(bm, '_prepare_row', prepare)
+    monkeypatch.setattr(bm, 'time_interleaved', timed)
+    rows = bm.make_rows(['resnet18', 'regnetx_400mf'], peers=False)
+    out = bm.run_benchmark(rows, bm.Settings(**TINY, complexity=False),
+                           progress=False, log=lambda s: None)
+    assert events == [
+        ('prepare', 'resnet18', 'VBResNet'),
+        ('prepare', 'resnet18', 'VBResNet optimized'), ('time', 2),
+        ('prepare', 'regnetx_400mf', 'VBRegNet'),
+        ('prepare', 'regnetx_400mf', 'VBRegNet optimized'), ('time', 2)]
+    assert all(r.iters == 2 and r.median_ms > 0 for r in out['rows'])

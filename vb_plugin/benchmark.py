@@ -4,10 +4,12 @@ models users would otherwise use, on the same inputs, in one run.
 The library side of ``tools/benchmark.py``. For each architecture it builds
 rows: the VB backbone (eager), its peers (mmdet, timm ``features_only``, HF
 transformers, mmpretrain when importable), and the forms of
-:func:`vb_plugin.optimize_for_inference`. Each row is timed the same way
-(warm-up, then timed iterations under ``torch.inference_mode``; for
-``mode='train'`` a forward + backward with ``frozen_stages=1`` and
-``norm_eval``), with the thread count set and the load average recorded.
+:func:`vb_plugin.optimize_for_inference`. Each row is timed the same way:
+all rows of an architecture are built and warmed up, then timed together,
+interleaved round by round (:func:`time_interleaved`), under
+``torch.inference_mode`` (for ``mode='train'`` a forward + backward with
+``frozen_stages=1`` and ``norm_eval``), with the thread count set and the
+load average recorded.
 
 Results are :class:`Result` rows, written as a text table, CSV, JSON and a
 PNG bar chart (:func:`write_outputs`).
@@ -329,45 +331,67 @@ class _RSSPeak:
         self.peak = max(self.peak, self.rss())
 
 
-def time_callable(fn: Callable[[], object],
-                  warmup: int,
-                  iters: int,
-                  device: torch.device = torch.device('cpu'),
-                  grad: bool = False) -> Tuple[List[float], float]:
-    """Run ``fn`` ``warmup`` times, then time ``iters`` runs.
+def warm_up(fn: Callable[[], object],
+            warmup: int,
+            device: torch.device = torch.device('cpu'),
+            grad: bool = False) -> float:
+    """Run ``fn`` ``warmup`` times (at least once) and return the peak
+    memory in MB those runs took: CUDA: max allocated; CPU: the sampled peak
+    resident set size above the start.
 
-    Runs under ``torch.inference_mode`` unless ``grad``; CUDA work is
-    synchronised before each clock read.
-
-    Returns:
-        tuple: Times in ms, and the peak memory in MB (CUDA: max allocated;
-        CPU: the sampled peak resident set size above the start).
+    The first runs are where the allocator (and ``torch.compile``) takes its
+    memory, so they are where it can be seen.
 
     Example:
-        >>> times, mem = time_callable(lambda: torch.ones(8).sum(), 1, 3)
-        >>> len(times)
-        3
+        >>> warm_up(lambda: torch.ones(8).sum(), 1) >= 0
+        True
     """
     ctx = torch.enable_grad if grad else torch.inference_mode
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    # NOTE: the warm-up is sampled too: the allocator keeps memory after the
-    # first runs, so the timed runs alone would show no increase.
     with ctx(), _RSSPeak() as rss:
-        for _ in range(warmup):
+        for _ in range(max(warmup, 1)):
             fn()
         _sync(device)
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append((time.perf_counter() - start) * 1e3)
     if device.type == 'cuda':
-        mem = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        mem = max(rss.peak - rss.base, 0) / 2**20
-    return times, mem
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return max(rss.peak - rss.base, 0) / 2**20
+
+
+def time_interleaved(fns: Sequence[Callable[[], object]],
+                     iters: int,
+                     device: torch.device = torch.device('cpu'),
+                     grad: bool = False) -> List[List[float]]:
+    """Time ``iters`` runs of every callable, interleaved.
+
+    Round ``i`` runs each callable once, starting with callable ``i mod n``,
+    so a change in the machine's load during the run (a shared machine)
+    hits every row alike instead of whichever row ran at that moment, and
+    no row always runs right after the same other one. Runs under
+    ``torch.inference_mode`` unless ``grad``; CUDA work is synchronised
+    before each clock read.
+
+    Returns:
+        list: One list of ``iters`` times in ms per callable.
+
+    Example:
+        >>> times = time_interleaved([lambda: torch.ones(8).sum()] * 2, 3)
+        >>> [len(t) for t in times]
+        [3, 3]
+    """
+    ctx = torch.enable_grad if grad else torch.inference_mode
+    n = len(fns)
+    times: List[List[float]] = [[] for _ in range(n)]
+    with ctx():
+        _sync(device)
+        for i in range(iters):
+            for k in range(n):
+                j = (i + k) % n
+                start = time.perf_counter()
+                fns[j]()
+                _sync(device)
+                times[j].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -530,8 +554,12 @@ def _prepare(module: nn.Module, settings: Settings, device, dtype):
     return module
 
 
-def _run_row(row: Row, settings: Settings, x: torch.Tensor,
-             eager_cache: Dict[str, nn.Module], peak: float) -> Result:
+def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
+                 eager_cache: Dict[str, nn.Module]
+                 ) -> Tuple[Callable[[], object], Result]:
+    """Build (or optimise) the row's model, check an optimised form against
+    fp32 eager, warm it up; return its step and a :class:`Result` without
+    times."""
     device = torch.device(settings.device)
     dtype = DTYPES[settings.dtype]
     train = settings.mode == 'train'
@@ -604,27 +632,29 @@ def _run_row(row: Row, settings: Settings, x: torch.Tensor,
         def step():
             return model(run_x)
 
-    load_before = load_average()
-    times, mem = time_callable(step, settings.warmup, settings.iters,
-                               device=device, grad=train)
-    load_after = load_average()
-    median = statistics.median(times)
+    mem = warm_up(step, settings.warmup, device=device, grad=train)
     result = Result(
         arch=row.arch, name=row.name, kind=row.kind, mode=settings.mode,
-        median_ms=median, p10_ms=percentile(times, 10),
-        p90_ms=percentile(times, 90),
-        images_per_s=settings.batch * 1e3 / median, peak_mem_mb=mem,
+        median_ms=math.nan, p10_ms=math.nan, p90_ms=math.nan,
+        images_per_s=math.nan, peak_mem_mb=mem,
         max_abs_diff=diff, dtype=row_dtype, memory_format=mem_format,
         threads=torch.get_num_threads(), batch=settings.batch,
         height=settings.height, width=settings.width,
-        iters=settings.iters, load_before=load_before,
-        load_after=load_after, note=note)
+        iters=settings.iters, note=note)
     if settings.complexity and row.form is None:
         params, macs = count_complexity(model.float(), x[:1].float())
         model.to(dtype)
         result.params_m = params
         result.gmacs = macs * settings.batch
-    return result
+    return step, result
+
+
+def _set_times(result: Result, times: Sequence[float]) -> None:
+    median = statistics.median(times)
+    result.median_ms = median
+    result.p10_ms = percentile(times, 10)
+    result.p90_ms = percentile(times, 90)
+    result.images_per_s = result.batch * 1e3 / median
 
 
 def _finish(results: List[Result], peak: float) -> None:
@@ -683,28 +713,53 @@ def run_benchmark(rows: Sequence[Row],
     peak = measure_peak(device, torch.float32)
     x = torch.rand(settings.batch, 3, settings.height, settings.width,
                    device=device, dtype=dtype)
-    results, cache = [], {}
+    results = []
+    groups: Dict[str, List[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.arch, []).append(row)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(rows), desc='benchmark', unit='row')
+        bar = tqdm(total=len(rows) + len(groups), desc='benchmark',
+                   unit='step')
     try:
-        for row in rows:
+        for arch, group in groups.items():
+            # NOTE: all rows of an architecture are built and warmed up
+            # first, then timed together, interleaved (time_interleaved).
+            cache: Dict[str, nn.Module] = {}
+            prepared = []
+            for row in group:
+                if bar is not None:
+                    bar.set_postfix_str(f'{arch}: prepare {row.name}')
+                try:
+                    prepared.append(_prepare_row(row, settings, x, cache))
+                except Exception as err:  # noqa: BLE001 - keep the others
+                    log(f'WARNING: {row.arch}: {row.name} failed: '
+                        f'{type(err).__name__}: {err}')
+                    prepared.append((None, Result(
+                        arch=row.arch, name=row.name, kind=row.kind,
+                        mode=settings.mode, median_ms=math.nan,
+                        p10_ms=math.nan, p90_ms=math.nan,
+                        images_per_s=math.nan, threads=settings.threads,
+                        batch=settings.batch, height=settings.height,
+                        width=settings.width,
+                        note=f'failed: {type(err).__name__}: {err}'[:200])))
+                if bar is not None:
+                    bar.update(1)
+            timed = [(step, res) for step, res in prepared if step is not None]
             if bar is not None:
-                bar.set_postfix_str(f'{row.arch}: {row.name}')
-            try:
-                results.append(_run_row(row, settings, x, cache,
-                                        peak['peak_gflops']))
-            except Exception as err:  # noqa: BLE001 - keep the other rows
-                log(f'WARNING: {row.arch}: {row.name} failed: '
-                    f'{type(err).__name__}: {err}')
-                results.append(Result(
-                    arch=row.arch, name=row.name, kind=row.kind,
-                    mode=settings.mode, median_ms=math.nan, p10_ms=math.nan,
-                    p90_ms=math.nan, images_per_s=math.nan,
-                    threads=settings.threads, batch=settings.batch,
-                    height=settings.height, width=settings.width,
-                    note=f'failed: {type(err).__name__}: {err}'[:200]))
+                bar.set_postfix_str(f'{arch}: timing {len(timed)} rows '
+                                    'interleaved')
+            load_before = load_average()
+            all_times = time_interleaved([step for step, _ in timed],
+                                         settings.iters, device=device,
+                                         grad=settings.mode == 'train')
+            load_after = load_average()
+            for (_, res), times in zip(timed, all_times):
+                _set_times(res, times)
+                res.load_before, res.load_after = load_before, load_after
+            results.extend(res for _, res in prepared)
+            del cache, prepared, timed
             if bar is not None:
                 bar.update(1)
     finally:
