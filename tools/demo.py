@@ -17,7 +17,7 @@ from vb_plugin.apis import run_demo
 DEFAULT_CONFIG = 'configs/mask_rcnn/mask-rcnn_vb-r18_fpn_toy.py'
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Train and evaluate a VB '
                                      'Mask R-CNN on the toy dataset')
     parser.add_argument('--config', default=DEFAULT_CONFIG)
@@ -25,7 +25,11 @@ def main(argv=None) -> None:
     parser.add_argument('--data-root', default='data/toy_coco')
     parser.add_argument('--iters', type=int, default=None,
                         help='training iterations (default: the config)')
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     start = time.perf_counter()
     summary = run_demo(args.config, args.work_dir, args.data_root,
                        max_iters=args.iters)
