@@ -77,6 +77,26 @@ def test_mmengine_style_checkpoint_with_numpy_meta_loads(save_state):
         assert torch.equal(model.state_dict()[k], v), k
 
 
+def test_empty_values_of_a_runner_checkpoint_load(tmp_path):
+    """Pickle protocol 2 writes b'' as a call to bytes(): an empty numpy
+    array, such as the history of a HistoryBuffer never updated, needs it.
+    Only the empty call is allowed, not bytes(n)."""
+    path = tmp_path / 'empty.pth'
+    torch.save({'message_hub': {'log_scalars': {'val/x': HistoryBuffer()}},
+                'meta': {'empty': np.zeros((0, 3))}, 'b': b''}, path)
+    out = read_checkpoint(path)
+    assert out['message_hub']['log_scalars']['val/x'].data[0].shape == (0, )
+    assert out['meta']['empty'].shape == (0, 3) and out['b'] == b''
+
+    class AllocatesBytes:
+        def __reduce__(self):
+            return bytes, (10**6, )
+
+    torch.save({'x': AllocatesBytes()}, path)
+    with pytest.raises(CheckpointError, match=r'refused bytes\(1000000,\)'):
+        read_checkpoint(path)
+
+
 @pytest.mark.parametrize('damage,message', [
     (lambda sd: sd.pop('layer2.0.conv1.weight'),
      r'missing from the checkpoint: 1 \[layer2\.0\.conv1\.weight\]'),

@@ -50,9 +50,25 @@ def _history_buffer_method(owner: Any, name: str) -> Any:
 #: Globals that ``weights_only`` unpickling may construct, beyond torch's own:
 #: what mmengine's Runner writes into ``meta`` and ``message_hub``, and the
 #: numpy RNG state that :class:`vb_plugin.engine.RNGStateHook` saves.
+def _empty_bytes(*args: Any) -> bytes:
+    """Stands in for ``bytes`` while unpickling.
+
+    Pickle protocol 2 (``torch.save``'s) writes ``b''`` as a call to
+    ``bytes()``; numpy writes an empty array's data that way, e.g. a
+    ``HistoryBuffer`` that was never updated. Only that call is allowed:
+    ``bytes(n)`` would let a pickle allocate ``n`` bytes.
+    """
+    if args:
+        raise CheckpointError(
+            f'refused bytes{args!r} while unpickling: only bytes() (the '
+            'empty value) is allowed')
+    return b''
+
+
 SAFE_GLOBALS = [
     HistoryBuffer,
     (_history_buffer_method, 'builtins.getattr'),
+    (_empty_bytes, 'builtins.bytes'),
     np.ndarray,
     np.dtype,
     # numpy 1 and 2 write these under different module names.
