@@ -21,8 +21,8 @@ first word, so the rest is invisible to readers):
 * ``bash``: each command must be one the docs may promise: ``make T`` (T a
   target of the Makefile), ``python tools/X.py ARGS`` (ARGS parsed by the
   tool's own ``parse_args``), ``bash tools/dist_train.sh CONFIG N ...``,
-  ``pip install -r FILE`` (FILE exists) or ``pip install PKG==V`` (V is the
-  pin of ``requirements/``), plus ``cd``/``git clone``/``export``. Anything
+  ``pip install -r FILE`` (FILE exists) or ``pip install PKG[SPEC]`` (PKG
+  in ``requirements/`` and SPEC agreeing with its pin), plus ``cd``/``git clone``/``export``. Anything
   else fails, so a new kind of command gets a checker, not a pass.
 * ``text`` or no info string: output shown to the reader, not code.
 """
@@ -38,6 +38,8 @@ import torch
 from mmengine.logging import MMLogger
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import DefaultScope, init_default_scope
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / 'README.md'] + sorted((ROOT / 'docs').glob('*.md'))
@@ -135,14 +137,32 @@ def run_config(snippet: Snippet, workdir: Path) -> None:
 # ------------------------------------------------------------------- bash
 
 
-def _requirement_pins():
-    pins = {}
-    for req in (ROOT / 'requirements').glob('*.txt'):
-        for line in req.read_text().splitlines():
-            m = re.match(r'^([A-Za-z0-9_.\-\[\]]+)\s*===?\s*([^\s;#]+)', line)
-            if m:
-                pins[m.group(1).split('[')[0].lower()] = m.group(2)
-    return pins
+def _requirements():
+    """``requirements/*.txt`` as {normalised name: Requirement}."""
+    reqs = {}
+    for req_file in (ROOT / 'requirements').glob('*.txt'):
+        for line in req_file.read_text().splitlines():
+            line = line.split('#')[0].strip()
+            if line and not line.startswith('-'):
+                req = Requirement(line)
+                reqs[canonicalize_name(req.name)] = req
+    return reqs
+
+
+def check_pip_argument(arg: str) -> None:
+    """A package named on a pip command line must be one of requirements/,
+    and what the docs ask for must agree with its pin: ``==V`` must be a
+    version the pin admits, any other clause must be one of the pin's."""
+    req = Requirement(arg)
+    pinned = _requirements().get(canonicalize_name(req.name))
+    assert pinned is not None, f'{req.name} is not in requirements/'
+    for spec in req.specifier:
+        if spec.operator == '==':
+            assert spec.version in pinned.specifier, (
+                f'{arg}: requirements/ pins {pinned}')
+        else:
+            assert str(spec) in {str(c) for c in pinned.specifier}, (
+                f'{arg}: requirements/ pins {pinned}')
 
 
 def _tool_parse_args(tool: str, argv):
@@ -184,7 +204,6 @@ def check_command(words, workdir: Path) -> None:
         _tool_parse_args('tools/train.py', [words[2]] + words[4:])
         return
     if head == 'pip' and words[1] == 'install':
-        pins = _requirement_pins()
         args = iter(words[2:])
         for arg in args:
             if arg in ('-r', '--requirement'):
@@ -194,11 +213,8 @@ def check_command(words, workdir: Path) -> None:
                 next(args)
             elif arg.startswith('-') or arg == '.':
                 continue
-            elif '=' in arg:
-                name, version = re.split(r'===?', arg, maxsplit=1)
-                name = name.split('[')[0].lower()
-                assert pins.get(name) == version, (
-                    f'{arg}: requirements/ pin {name} to {pins.get(name)}')
+            else:
+                check_pip_argument(arg)
         return
     raise AssertionError(f'no checker for the command {" ".join(words)!r}')
 
@@ -273,6 +289,8 @@ def test_runner_fails_on_a_wrong_snippet(tmp_path, docs_cwd):
                  '```bash\npython tools/train.py --no-such-flag\n```\n',
                  '```bash\nrm -rf /\n```\n',
                  '```bash\npip install torch==0.1\n```\n',
+                 '```bash\npip install "setuptools<90"\n```\n',
+                 '```bash\npip install leftpad\n```\n',
                  '```python config base=mmdet::mask_rcnn/'
                  'mask-rcnn_r50_fpn_1x_coco.py\ncustom_imports = dict('
                  "imports=['vb_plugin'])\nmodel = dict(backbone=dict("
