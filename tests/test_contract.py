@@ -4,6 +4,7 @@ Every family registered in mmengine's MODELS gets this whole suite through
 ``backbone_cases.BACKBONE_CASES``.
 """
 import copy
+import inspect
 import math
 import re
 
@@ -14,7 +15,8 @@ from conftest import max_abs_diff, randomize_bn
 from mmengine.registry import MODELS
 from torch import nn
 
-from vb_plugin.layers import FrozenBatchNorm2d, is_batch_norm
+from vb_plugin.layers import (FrozenBatchNorm2d, is_batch_norm,
+                              registered_norm_types)
 from vb_plugin.models import VBBackbone
 
 CASES = [
@@ -280,6 +282,60 @@ def test_out_norms(name, case, norm_cfg):
         assert norm.weight.shape == (model.stage_channels[i], )
         assert max_abs_diff(out, norm(r)) <= 1e-6
         assert not torch.allclose(out, r)
+
+
+def norm_options(name):
+    """The norm-config options of family ``name``: out_norm_cfg for every
+    family, plus its own norm_cfg when it has one."""
+    params = inspect.signature(MODELS.get(name).__init__).parameters
+    return [o for o in ('out_norm_cfg', 'norm_cfg') if o in params]
+
+
+def test_registered_norm_types_are_norms_only():
+    types = registered_norm_types()
+    assert {'BN', 'SyncBN', 'MMSyncBN', 'GN', 'IN', 'LN', 'LN2d'} <= set(types)
+    # MODELS holds every model and layer; mmcv's own abbreviation rules
+    # would take ConvModule or mmdet's ResLayer for norms.
+    assert not {'ConvModule', 'ResLayer', 'Conv2d', 'ReLU'} & set(types)
+    assert types == sorted(types)
+
+
+@pytest.mark.parametrize('name,case', FIRST_CASES)
+def test_norm_cfg_errors(name, case):
+    """'LN' (nn.LayerNorm normalises the last dim: the width of an NCHW map)
+    and unknown types fail at construction, naming the option and value."""
+    options = norm_options(name)
+    assert 'out_norm_cfg' in options
+    for option in options:
+        with pytest.raises(ValueError, match=(
+                rf"^{option}=\{{'type': 'LN'\}}: norm type 'LN' normalises "
+                r"the last dim, i\.e\. the width of NCHW maps; use 'LN2d' "
+                r"\(channel LayerNorm\)$")):
+            build(name, case, **{option: dict(type='LN')})
+        with pytest.raises(ValueError, match=(
+                rf"^{option}=\{{'type': 'LN', 'eps': 1e-06\}}: norm type "
+                r"'LN' normalises the last dim")):
+            build(name, case, **{option: dict(type='LN', eps=1e-6)})
+        with pytest.raises(ValueError, match='^' + re.escape(
+                f"{option}={{'type': 'XX'}}: 'XX' is not a registered norm "
+                f'type; registered norm types: {registered_norm_types()} '
+                "(for a LayerNorm on NCHW maps use 'LN2d', not 'LN')") + '$'):
+            build(name, case, **{option: dict(type='XX')})
+        with pytest.raises(ValueError, match='^' + re.escape(
+                f"{option}={{'type': 'GN'}}: norm type 'GN' needs "
+                "num_groups, e.g. dict(type='GN', num_groups=32)") + '$'):
+            build(name, case, **{option: dict(type='GN')})
+        with pytest.raises(TypeError, match='^' + re.escape(
+                f"{option} must be a dict with a 'type' (a registered norm "
+                "type, e.g. 'BN', 'GN', 'LN2d'), got 'LN2d' (str)") + '$'):
+            build(name, case, **{option: 'LN2d'})
+
+
+@pytest.mark.parametrize('name,case', FIRST_CASES)
+def test_out_norm_cfg_layer_norm_class_is_refused(name, case):
+    with pytest.raises(ValueError, match=re.escape(
+            'norm type LayerNorm normalises the last dim')):
+        build(name, case, out_norm_cfg=dict(type=nn.LayerNorm))
 
 
 @pytest.mark.parametrize('name,case', CASES)

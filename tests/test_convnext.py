@@ -138,10 +138,12 @@ def test_layer_scale_and_grn_options():
      r"float in \[0, 1\), got '0.1'"),
     (dict(layer_scale_init_value=-1.0), ValueError, r'layer_scale_init_value '
      r'must be a float >= 0 \(0 disables layer scale\), got -1.0'),
-    (dict(norm_cfg=dict(type='LN')), ValueError, r"norm_cfg type 'LN' "
-     r"normalises the last dim.*use 'LN2d'"),
+    (dict(norm_cfg=dict(type='LN')), ValueError, r"norm_cfg=\{'type': "
+     r"'LN'\}: norm type 'LN' normalises the last dim, i\.e\. the width of "
+     r"NCHW maps; use 'LN2d' \(channel LayerNorm\)$"),
     (dict(norm_cfg='LN2d'), TypeError, r"norm_cfg must be a dict with a "
-     r"'type', got 'LN2d'"),
+     r"'type' \(a registered norm type, e\.g\. 'BN', 'GN', 'LN2d'\), got "
+     r"'LN2d' \(str\)$"),
 ])
 def test_option_errors(kwargs, error, message):
     kwargs.setdefault('arch', SMALL)

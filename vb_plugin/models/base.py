@@ -27,7 +27,7 @@ from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
 from torch import nn
 
-from ..layers import freeze_batch_norms, is_batch_norm
+from ..layers import check_norm_cfg, freeze_batch_norms, is_batch_norm
 
 OptConfigType = Optional[dict]
 
@@ -124,7 +124,10 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
             stages with :class:`FrozenBatchNorm2d` (same keys, same outputs).
             Defaults to False.
         out_norm_cfg (dict, optional): Config of a norm applied to each
-            output, e.g. ``dict(type='LN2d')``. Defaults to None.
+            output, e.g. ``dict(type='LN2d')``. It is checked at construction
+            (:func:`vb_plugin.layers.check_norm_cfg`): an unknown type, and
+            ``'LN'`` (which normalises the width of NCHW maps), raise
+            ``ValueError``. Defaults to None.
         with_cp (bool): Checkpoint the activations of every block during
             training to save memory. Defaults to False.
         init_cfg (dict | list[dict], optional): Initialisation config.
@@ -153,6 +156,8 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
             raise ValueError('stage_channels and stage_strides must have one '
                              f'entry per stage, got {len(stage_channels)} '
                              f'and {len(stage_strides)}')
+        if out_norm_cfg is not None:
+            check_norm_cfg(out_norm_cfg, 'out_norm_cfg')
         self.num_stages = len(stage_channels)
         self.stage_channels = tuple(int(c) for c in stage_channels)
         self.stage_strides = tuple(int(s) for s in stage_strides)

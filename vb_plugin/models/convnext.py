@@ -27,6 +27,7 @@ from mmengine.registry import MODELS
 from timm.layers import DropPath
 from torch import nn
 
+from ..layers import check_norm_cfg
 from ..weights.convnext import CONVNEXT_SOURCES
 from .base import OptConfigType, VBBackbone
 
@@ -335,13 +336,7 @@ class VBConvNeXt(VBBackbone):
                              f'{layer_scale_init_value!r}')
         if use_grn is None:
             use_grn = version == 'v2'
-        if not isinstance(norm_cfg, dict) or 'type' not in norm_cfg:
-            raise TypeError(f"norm_cfg must be a dict with a 'type', got "
-                            f'{norm_cfg!r}')
-        if norm_cfg['type'] == 'LN':
-            raise ValueError(
-                "norm_cfg type 'LN' normalises the last dim and would be "
-                "wrong on NCHW maps; use 'LN2d' (channel LayerNorm)")
+        check_norm_cfg(norm_cfg, 'norm_cfg')
         self.in_channels = in_channels
         self.norm_cfg = copy.deepcopy(norm_cfg)
         self.drop_path_rate = float(drop_path_rate)

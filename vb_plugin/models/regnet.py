@@ -31,6 +31,7 @@ from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.registry import MODELS
 from torch import nn
 
+from ..layers import check_norm_cfg
 from ..weights.regnet import REGNET_SOURCES
 from .base import OptConfigType, VBBackbone
 from .resnet import CONV_BN_INIT_CFG
@@ -427,8 +428,9 @@ class VBRegNet(VBBackbone):
         stem_channels (int): Width of the 3x3 stride-2 stem conv. Defaults
             to 32.
         conv_cfg (dict, optional): Convolution config. Defaults to None.
-        norm_cfg (dict): Norm config, e.g. BN, SyncBN or GN. Defaults to
-            ``dict(type='BN', requires_grad=True)``.
+        norm_cfg (dict): Norm config, e.g. BN, SyncBN or GN; checked by
+            :func:`vb_plugin.layers.check_norm_cfg` (no 'LN': use 'LN2d').
+            Defaults to ``dict(type='BN', requires_grad=True)``.
         zero_init_residual (bool): Zero the last norm of each block so that
             each residual branch starts as identity. Defaults to True.
         out_indices, frozen_stages, norm_eval, frozen_bn, out_norm_cfg,
@@ -488,6 +490,7 @@ class VBRegNet(VBBackbone):
         self.group_widths = stages.group_widths
         self.in_channels = in_channels
         self.stem_channels = stem_channels
+        check_norm_cfg(norm_cfg, 'norm_cfg')
         self.conv_cfg = copy.deepcopy(conv_cfg)
         self.norm_cfg = copy.deepcopy(norm_cfg)
         self.zero_init_residual = zero_init_residual

@@ -21,6 +21,7 @@ from mmdet.models.layers import ResLayer
 from mmengine.registry import MODELS
 from torch import nn
 
+from ..layers import check_norm_cfg
 from ..weights.resnet import RESNET_SOURCES
 from .base import OptConfigType, VBBackbone
 
@@ -90,8 +91,9 @@ class VBResNet(VBBackbone):
         avg_down (bool): Average pool before the shortcut conv (V1d).
             Defaults to False.
         conv_cfg (dict, optional): Convolution config. Defaults to None.
-        norm_cfg (dict): Norm config, e.g. BN, SyncBN or GN. Defaults to
-            ``dict(type='BN', requires_grad=True)``.
+        norm_cfg (dict): Norm config, e.g. BN, SyncBN or GN; checked by
+            :func:`vb_plugin.layers.check_norm_cfg` (no 'LN': use 'LN2d').
+            Defaults to ``dict(type='BN', requires_grad=True)``.
         dcn (dict, optional): Deformable conv config for the 3x3 convs, e.g.
             ``dict(type='DCNv2', deform_groups=1)``. Bottleneck depths only.
             Defaults to None.
@@ -173,6 +175,7 @@ class VBResNet(VBBackbone):
         self.style = style
         self.deep_stem = deep_stem
         self.avg_down = avg_down
+        check_norm_cfg(norm_cfg, 'norm_cfg')
         self.conv_cfg = copy.deepcopy(conv_cfg)
         self.norm_cfg = copy.deepcopy(norm_cfg)
         self.dcn = copy.deepcopy(dcn)
