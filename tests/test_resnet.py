@@ -3,6 +3,8 @@
 Every reference is built here with random weights, saved, loaded into
 VBResNet through the public loader, and compared output by output.
 """
+import re
+
 import pytest
 import torch
 from conftest import max_abs_diff, randomize_bn
@@ -203,6 +205,41 @@ def test_zero_init_residual_and_dcn_offsets():
     model = VBResNet(depth=18, zero_init_residual=False)
     model.init_weights()
     assert torch.all(model.layer1[0].norm2.weight == 1)
+
+
+def test_dcn_on_too_small_maps_names_stage_sizes_and_minimum():
+    """mmcv's DCN (v1) refuses maps smaller than 3x3 with a bare
+    "input image is smaller than kernel"; VBResNet says which stage, which
+    option, the sizes and the smallest input that works."""
+    model = VBResNet(depth=50, base_channels=8,
+                     dcn=dict(type='DCN', deform_groups=1),
+                     stage_with_dcn=(False, True, True, True)).eval()
+    outs = model(torch.rand(1, 3, 65, 65))   # the minimum given below
+    assert tuple(outs[-1].shape[-2:]) == (3, 3)
+    with pytest.raises(ValueError, match='^' + re.escape(
+            "VBResNet stage 3 (layer4) has deformable convs (dcn={'type': "
+            "'DCN', 'deform_groups': 1}, stage_with_dcn[3]=True), and mmcv's "
+            'DCN (DeformConv2dPack) needs feature maps of at least 3x3: this '
+            'stage got a 6x4 map and makes it 3x2. Give inputs of at least '
+            '65x65 pixels (DCN up to stride 32), leave stage 3 out of '
+            "stage_with_dcn, or use dcn=dict(type='DCNv2', ...), which has "
+            'no such limit') + '$') as info:
+        model(torch.rand(1, 3, 96, 64))
+    cause = info.value.__cause__
+    assert isinstance(cause, RuntimeError)
+    assert str(cause) == 'input image is smaller than kernel'
+    # The minimum follows the deepest DCN stage that is built; training with
+    # activation checkpointing goes through the same path.
+    model = VBResNet(depth=50, base_channels=8,
+                     dcn=dict(type='DCN', deform_groups=1),
+                     stage_with_dcn=(False, True, True, True),
+                     out_indices=(2, ), with_cp=True).train()
+    model(torch.rand(2, 3, 33, 33))
+    with pytest.raises(ValueError, match=re.escape(
+            'stage 2 (layer3) has deformable convs') + '.*' + re.escape(
+            'this stage got a 3x8 map and makes it 2x4. Give inputs of at '
+            'least 33x33 pixels (DCN up to stride 16), leave stage 2 out')):
+        model(torch.rand(2, 3, 20, 64))
 
 
 def test_dcn_loads_imagenet_weights_with_offsets_kept(save_state):

@@ -15,6 +15,7 @@ import copy
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Type
 
+import torch
 from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck
 from mmdet.models.layers import ResLayer
@@ -24,6 +25,10 @@ from torch import nn
 from ..layers import check_norm_cfg
 from ..weights.resnet import RESNET_SOURCES
 from .base import OptConfigType, VBBackbone
+
+
+#: mmcv's DeformConv2dPack (DCN v1) refuses maps smaller than its kernel.
+DCN_SIZE_ERROR = 'input image is smaller than kernel'
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,9 @@ class VBResNet(VBBackbone):
             Defaults to ``dict(type='BN', requires_grad=True)``.
         dcn (dict, optional): Deformable conv config for the 3x3 convs, e.g.
             ``dict(type='DCNv2', deform_groups=1)``. Bottleneck depths only.
-            Defaults to None.
+            mmcv's ``DCN`` (v1) needs maps of at least 3x3 in every DCN
+            stage; smaller ones raise ``ValueError`` naming the stage, the
+            sizes and the minimum input. Defaults to None.
         stage_with_dcn (Sequence[bool], optional): Which stages use ``dcn``.
             Defaults to all stages.
         zero_init_residual (bool): Zero the last norm of each block so that
@@ -272,6 +279,38 @@ class VBResNet(VBBackbone):
             # and parameter shapes stay those of mmdet's ResNet.
             layer[0] = res_layer(1, dilation // 2)[0]
         self.add_module(f'layer{i + 1}', layer)
+
+    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # NOTE: try costs nothing when nothing is raised (Python >= 3.11).
+        try:
+            return super()._run(module, x)
+        except RuntimeError as err:
+            if self.dcn is None or DCN_SIZE_ERROR not in str(err):
+                raise
+            raise self._dcn_size_error(module, x) from err
+
+    def _dcn_size_error(self, stage: nn.Module, x: torch.Tensor) -> ValueError:
+        """mmcv's "input image is smaller than kernel", with the stage, the
+        option and the sizes that explain it."""
+        i = next(j for j in range(self.num_built_stages)
+                 if self.get_submodule(self._stage_names[j][0]) is stage)
+        h, w = x.shape[-2:]
+        s = self.strides[i]
+        # Every conv, pool and shortcut of the stem and stages maps a side n
+        # to ceil(n / stride): a stage of total stride S outputs
+        # ceil(side / S), which is >= 3 from side 2 * S + 1 on.
+        deepest = max(self.stage_strides[j]
+                      for j in range(self.num_built_stages)
+                      if self.stage_with_dcn[j])
+        return ValueError(
+            f'VBResNet stage {i} (layer{i + 1}) has deformable convs '
+            f'(dcn={dict(self.dcn)!r}, stage_with_dcn[{i}]=True), and '
+            f"mmcv's {self.dcn['type']} (DeformConv2dPack) needs feature "
+            f'maps of at least 3x3: this stage got a {h}x{w} map and '
+            f'makes it {-(-h // s)}x{-(-w // s)}. Give inputs of at least '
+            f'{2 * deepest + 1}x{2 * deepest + 1} pixels (DCN up to stride '
+            f'{deepest}), leave stage {i} out of stage_with_dcn, or use '
+            "dcn=dict(type='DCNv2', ...), which has no such limit")
 
     def init_default_weights(self) -> None:
         for m in self.modules():
