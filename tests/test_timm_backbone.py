@@ -358,6 +358,44 @@ def test_levels_option_error():
 
 
 # ----------------------------------------------------------------------
+# Initialisation.
+@pytest.mark.parametrize('name', ['resnet10t', 'hrnet_w18_small'])
+def test_default_init_keeps_timms_weights(name):
+    """init_cfg=None keeps timm's initialisation: init_weights changes
+    nothing, not even for HRNet, whose features have timm's own
+    init_weights (mmengine would call it and draw new weights)."""
+    model = VBTimmBackbone(name, out_indices=(0, 1),
+                           out_norm_cfg=dict(type='GN', num_groups=4))
+    before = copy.deepcopy(model.state_dict())
+    model.init_weights()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    for norm in model.out_norms.values():
+        assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
+
+
+def test_non_pretrained_init_cfg_is_applied():
+    """Any init_cfg other than 'Pretrained' is applied by mmengine, on top
+    of timm's init, as in every family (it used to be ignored)."""
+    model = VBTimmBackbone(
+        'resnet10t', out_indices=(0, 1), out_norm_cfg=dict(type='LN2d'),
+        init_cfg=[dict(type='Constant', layer='Conv2d', val=0.5),
+                  dict(type='Constant', layer='LayerNorm', val=2.0,
+                       bias=-1.0)])
+    bn_keys = [k for k in model.state_dict() if '.bn' in k]
+    before = copy.deepcopy(model.state_dict())
+    model.init_weights()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(torch.all(m.weight == 0.5) for m in convs)
+    for norm in model.out_norms.values():
+        assert torch.all(norm.weight == 2) and torch.all(norm.bias == -1)
+    # The BNs are not named by the init_cfg: timm's values (its zero-init of
+    # each block's last BN included) stay.
+    assert bn_keys and all(torch.equal(model.state_dict()[k], before[k])
+                           for k in bn_keys)
+
+
+# ----------------------------------------------------------------------
 # Pretrained weights.
 def test_load_report_and_detector_prefix(tmp_path):
     full = timm.create_model('resnet10t')

@@ -352,19 +352,26 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
 
         mmengine's own ``PretrainedInit`` loads with ``strict=False`` and
         would silently skip mismatched keys; a pretrained ``init_cfg`` is
-        therefore routed through :func:`vb_plugin.load_pretrained`.
+        therefore routed through :meth:`load_pretrained_init_cfg`. Any other
+        ``init_cfg`` (e.g. ``dict(type='Kaiming', layer='Conv2d')``) is
+        applied by mmengine, then :meth:`init_default_weights` runs.
         """
         cfg = self.pretrained_init_cfg()
         if cfg is not None:
-            from ..weights import load_pretrained
             self.init_default_weights()
-            load_pretrained(self, cfg['checkpoint'],
-                            source=cfg.get('source', 'auto'),
-                            prefix=cfg.get('prefix'))
+            self.load_pretrained_init_cfg(cfg)
             self._is_init = True
             return
         super().init_weights()
         self.init_default_weights()
+
+    def load_pretrained_init_cfg(self, cfg: dict) -> None:
+        """Family hook: load the checked ``init_cfg`` of type 'Pretrained'
+        strictly; by default through :func:`vb_plugin.load_pretrained`."""
+        from ..weights import load_pretrained
+        load_pretrained(self, cfg['checkpoint'],
+                        source=cfg.get('source', 'auto'),
+                        prefix=cfg.get('prefix'))
 
     def init_default_weights(self) -> None:
         """Family hook run after the default init (e.g. zero-init residuals).

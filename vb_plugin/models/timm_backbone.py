@@ -237,7 +237,9 @@ class VBTimmBackbone(VBBackbone):
             :class:`VBBackbone`. ``norm_eval`` and ``frozen_bn``
             cover timm's ``BatchNormAct2d`` (frozen BN keeps its act).
             ``init_cfg=dict(type='Pretrained', checkpoint=PATH)`` loads a
-            local file strictly, through timm's loading code.
+            local file strictly, through timm's loading code; None keeps
+            timm's initialisation; any other ``init_cfg`` is applied by
+            mmengine on top of it.
         with_cp (bool): Gradient checkpointing through timm's own
             ``set_grad_checkpointing``. Defaults to False.
 
@@ -402,6 +404,11 @@ class VBTimmBackbone(VBBackbone):
         # the last requested level; build_stage has nothing left to do.
         indices = tuple(self.plan.output_level(i) for i in self.out_indices)
         self.body = self._create_features(indices)
+        # NOTE: timm initialised the extractor when it built it. mmengine's
+        # BaseModule.init_weights calls the init_weights of any child that
+        # has one and is not marked is_init (timm's HRNet features have
+        # one): it would draw timm's init again, over a user's init_cfg.
+        self.body.is_init = True
         self._prune_unused()
         if self.with_cp:
             try:
@@ -470,25 +477,25 @@ class VBTimmBackbone(VBBackbone):
 
     # ------------------------------------------------------------------
     # Weights.
-    def init_weights(self) -> None:
-        """Keep timm's initialisation, or load ``init_cfg`` 'Pretrained'.
+    def load_pretrained_init_cfg(self, cfg: dict) -> None:
+        """Load ``init_cfg`` 'Pretrained' strictly.
 
         A checkpoint in this backbone's own layout (keys under ``body.``)
         loads through :func:`vb_plugin.load_pretrained`; any other goes
         through timm's pipeline, see :func:`vb_plugin.weights.timm.
         load_timm_pretrained`. Both are strict and log a report.
+
+        Without a pretrained ``init_cfg``, :meth:`VBBackbone.init_weights`
+        keeps timm's own initialisation (the extractor is marked as
+        initialised when built) and applies any other ``init_cfg``, e.g.
+        ``dict(type='Kaiming', layer='Conv2d')``, with mmengine, as in every
+        family. The output norms keep their initial values (weight 1, bias
+        0), as the other families' default init gives them.
         """
-        cfg = self.pretrained_init_cfg()
-        if cfg is not None:
-            from ..weights.timm import load_timm_pretrained
-            load_timm_pretrained(self, cfg['checkpoint'],
-                                 prefix=cfg.get('prefix'),
-                                 source=cfg.get('source', 'auto'))
-            self._is_init = True
-            return
-        if cfg is not None:
-            super().init_weights()
-        self._is_init = True
+        from ..weights.timm import load_timm_pretrained
+        load_timm_pretrained(self, cfg['checkpoint'],
+                             prefix=cfg.get('prefix'),
+                             source=cfg.get('source', 'auto'))
 
     def body_key_map(self,
                      keys: Optional[Sequence[str]] = None) -> Dict[str, str]:
