@@ -4,8 +4,10 @@ Everything here runs the real thing: mmengine's Runner through
 ``tools/train.py`` and ``tools/test.py`` in subprocesses, mmdet's CocoMetric,
 and torchrun for the multi-process run.
 """
+import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +66,81 @@ def test_neck_in_channels_auto_and_mismatch():
             r'match the backbone: VBResNet with out_indices=\(0, 1, 2, 3\) '
             r'gives out_channels \[32, 64, 128, 256\]\. Set '
             r"neck\.in_channels=\[32, 64, 128, 256\] or 'auto'\.")):
+        wire_neck_channels(cfg)
+
+
+def neck_cfg(neck, **backbone):
+    return Config(dict(model=dict(
+        backbone=dict(type='VBResNet', depth=18, base_channels=8,
+                      **backbone),
+        neck=neck)))
+
+
+def test_neck_in_channels_int():
+    """An int is a neck that takes one map (YOLOF's DilatedEncoder): checked
+    against a one-output backbone, refused with a clear TypeError for a
+    multi-output one (it used to be "'int' object is not iterable")."""
+    cfg = neck_cfg(dict(type='FPN', in_channels=64))
+    with pytest.raises(TypeError, match='^' + re.escape(
+            'model.neck.in_channels=64 is an int, but VBResNet with '
+            'out_indices=(0, 1, 2, 3) gives out_channels [8, 16, 32, 64], one '
+            "map per output: set neck.in_channels=[8, 16, 32, 64] or 'auto' "
+            '(an int is for a neck that takes a single map, behind a '
+            'backbone with one output)') + '$'):
+        wire_neck_channels(cfg)
+    cfg = neck_cfg(dict(type='DilatedEncoder', in_channels=64),
+                   out_indices=(3, ))
+    assert wire_neck_channels(cfg) == (64, )
+    assert cfg.model.neck.in_channels == 64
+    cfg.model.neck.in_channels = 2048
+    with pytest.raises(ValueError, match='^' + re.escape(
+            'model.neck.in_channels=2048 does not match the backbone: '
+            'VBResNet with out_indices=(3,) gives out_channels [64]. Set '
+            'neck.in_channels=64.') + '$'):
+        wire_neck_channels(cfg)
+    for bad, shown in (('all', "'all' (str)"), ([8, '16'], "[8, '16'] (list)"),
+                       (8.0, '8.0 (float)')):
+        with pytest.raises(TypeError, match='^' + re.escape(
+                "model.neck.in_channels must be 'auto' or a list of ints "
+                f'(one per backbone output), got {shown}; VBResNet with '
+                'out_indices=(0, 1, 2, 3) gives out_channels [8, 16, 32, 64]'
+        ) + '$'):
+            wire_neck_channels(neck_cfg(dict(type='FPN', in_channels=bad)))
+
+
+def test_list_of_necks_wires_the_first():
+    """mmdet's neck=[FPN, DyHead] (ATSS-DyHead): the first neck takes the
+    backbone's outputs; it used to be skipped, so 'auto' reached FPN."""
+    from mmengine.registry import MODELS
+    necks = [dict(type='FPN', in_channels='auto', out_channels=16,
+                  num_outs=5),
+             dict(type='DyHead', in_channels=16, out_channels=16,
+                  num_blocks=1)]
+    cfg = neck_cfg(necks)
+    assert wire_neck_channels(cfg) == (8, 16, 32, 64)
+    assert cfg.model.neck[0].in_channels == [8, 16, 32, 64]
+    assert cfg.model.neck[1].in_channels == 16
+    backbone = MODELS.build(cfg.model.backbone).eval()
+    neck = MODELS.build(cfg.model.neck).eval()   # an nn.Sequential
+    with torch.no_grad():
+        outs = neck(backbone(torch.rand(1, 3, 128, 128)))
+    assert [o.shape[1] for o in outs] == [16] * 5
+
+    cfg = neck_cfg(copy.deepcopy(necks))
+    cfg.model.neck[0].in_channels = [64, 128, 256, 512]
+    with pytest.raises(ValueError, match='^' + re.escape(
+            'model.neck[0].in_channels=[64, 128, 256, 512] does not match '
+            'the backbone: VBResNet with out_indices=(0, 1, 2, 3) gives '
+            'out_channels [8, 16, 32, 64]. Set neck[0].in_channels=[8, 16, '
+            "32, 64] or 'auto'.") + '$'):
+        wire_neck_channels(cfg)
+    cfg = neck_cfg(copy.deepcopy(necks))
+    cfg.model.neck[1].in_channels = 'auto'
+    with pytest.raises(ValueError, match='^' + re.escape(
+            "model.neck[1].in_channels='auto': only the first neck of a list "
+            "takes the backbone's outputs and can be 'auto'; model.neck[1] "
+            '(DyHead) takes the outputs of model.neck[0]: write its '
+            'in_channels') + '$'):
         wire_neck_channels(cfg)
 
 

@@ -2,6 +2,7 @@
 
 The scripts in ``tools/`` only parse arguments and call these functions.
 """
+import numbers
 import os
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -22,6 +23,16 @@ def load_config(config: str, cfg_options: Optional[dict] = None) -> Config:
     return cfg
 
 
+def _meta_backbone(cfg: Config) -> Tuple[dict, nn.Module]:
+    """The config's backbone, built on the ``meta`` device (no memory, no
+    initialisation), with its config (``init_cfg`` dropped)."""
+    backbone_cfg = cfg.model.backbone.copy()
+    backbone_cfg.pop('init_cfg', None)
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    with torch.device('meta'):
+        return backbone_cfg, MODELS.build(backbone_cfg)
+
+
 def wire_neck_channels(cfg: Config) -> Optional[Tuple[int, ...]]:
     """Fill or check ``cfg.model.neck.in_channels`` from the backbone.
 
@@ -31,9 +42,22 @@ def wire_neck_channels(cfg: Config) -> Optional[Tuple[int, ...]]:
     deep inside the neck. The backbone is built on the ``meta`` device, so
     this costs no memory and no initialisation.
 
+    A list of necks (``neck=[dict(...), dict(...)]``, built by mmengine as a
+    sequence) is wired through its first neck, the one that takes the
+    backbone's outputs; the later ones take the previous neck's and need
+    their ``in_channels`` written. An int ``in_channels`` is a neck that
+    takes one map (mmdet's ``DilatedEncoder`` of YOLOF, ``CTResNetNeck``):
+    it is checked against a backbone with one output.
+
     Returns:
         tuple | None: The backbone's out_channels, or None when the model has
         no neck or its backbone has no ``out_channels``.
+
+    Raises:
+        ValueError: If ``in_channels`` disagrees with the backbone, or a
+            later neck of a list says ``'auto'``.
+        TypeError: If ``in_channels`` is neither ``'auto'``, a list of ints
+            nor, for a backbone with one output, an int.
 
     Example:
         >>> cfg = Config(dict(model=dict(
@@ -44,27 +68,57 @@ def wire_neck_channels(cfg: Config) -> Optional[Tuple[int, ...]]:
     """
     model = cfg.get('model', {})
     neck = model.get('neck')
+    if isinstance(neck, (list, tuple)) and neck and all(
+            isinstance(n, dict) for n in neck):
+        for k, later in enumerate(neck[1:], start=1):
+            if later.get('in_channels', None) == 'auto':
+                raise ValueError(
+                    f"model.neck[{k}].in_channels='auto': only the first "
+                    "neck of a list takes the backbone's outputs and can be "
+                    f"'auto'; model.neck[{k}] ({later.get('type')}) takes "
+                    f'the outputs of model.neck[{k - 1}]: write its '
+                    'in_channels')
+        neck, short = neck[0], 'neck[0].in_channels'
+    else:
+        short = 'neck.in_channels'
+    name = f'model.{short}'
     if not isinstance(neck, dict) or 'backbone' not in model:
         return None
-    backbone_cfg = model.backbone.copy()
-    backbone_cfg.pop('init_cfg', None)
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
-    with torch.device('meta'):
-        backbone = MODELS.build(backbone_cfg)
+    backbone_cfg, backbone = _meta_backbone(cfg)
     channels = getattr(backbone, 'out_channels', None)
     if channels is None:
         return None
     channels = tuple(int(c) for c in channels)
     given = neck.get('in_channels', 'auto')
+    where = (f'{backbone_cfg.type} with out_indices='
+             f'{tuple(getattr(backbone, "out_indices", ()))} gives '
+             f'out_channels {list(channels)}')
     if given in (None, 'auto'):
         neck.in_channels = list(channels)
-    elif [int(c) for c in given] != list(channels):
+        return channels
+    if isinstance(given, numbers.Integral) and not isinstance(given, bool):
+        if len(channels) != 1:
+            raise TypeError(
+                f'{name}={given!r} is an int, but {where}, one map per '
+                f"output: set {short}={list(channels)} or 'auto' (an int is "
+                'for a neck that takes a single map, behind a backbone with '
+                'one output)')
+        if int(given) != channels[0]:
+            raise ValueError(
+                f'{name}={given!r} does not match the backbone: {where}. '
+                f'Set {short}={channels[0]}.')
+        return channels
+    if isinstance(given, (str, bytes)) or not isinstance(
+            given, (list, tuple)) or not all(
+                isinstance(c, numbers.Integral) and not isinstance(c, bool)
+                for c in given):
+        raise TypeError(
+            f"{name} must be 'auto' or a list of ints (one per backbone "
+            f'output), got {given!r} ({type(given).__name__}); {where}')
+    if [int(c) for c in given] != list(channels):
         raise ValueError(
-            f'model.neck.in_channels={list(given)} does not match the '
-            f'backbone: {backbone_cfg.type} with out_indices='
-            f'{tuple(backbone.out_indices)} gives out_channels '
-            f"{list(channels)}. Set neck.in_channels={list(channels)} or "
-            "'auto'.")
+            f'{name}={list(given)} does not match the backbone: {where}. '
+            f"Set {short}={list(channels)} or 'auto'.")
     return channels
 
 
