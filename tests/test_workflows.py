@@ -180,6 +180,37 @@ def test_every_config_builds_and_trains_one_step(config):
     assert len(preds) == 2
 
 
+def test_demo_summary_reports_the_metrics_the_config_has():
+    from vb_plugin.apis import metric_lines
+    boxes = {'coco/bbox_mAP': 0.512, 'coco/bbox_mAP_50': 0.8,
+             'coco/bbox_mAP_75': 0.5}
+    assert metric_lines(boxes) == ['  bbox AP:    0.512 (AP50 0.800)']
+    masks = dict(boxes, **{'coco/segm_mAP': 0.25, 'coco/segm_mAP_50': 0.6})
+    assert metric_lines(masks) == ['  bbox AP:    0.512 (AP50 0.800)',
+                                   '  segm AP:    0.250 (AP50 0.600)']
+    assert metric_lines({'pascal_voc/mAP': 0.5}) == [
+        "  metrics:    {'pascal_voc/mAP': 0.5}"]
+
+
+def test_demo_runs_a_boxes_only_config(tmp_path, monkeypatch):
+    """tools/demo.py's run_demo on the DETR toy config (bbox metric only):
+    it used to stop with KeyError: 'coco/segm_mAP' (and, before that, on
+    persistent_workers without workers in the val loader). It reads the
+    dataset from data_root (there is no data/toy_coco in the working
+    directory), not from the config's own data_root."""
+    from vb_plugin.apis import run_demo
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / 'somewhere' / 'toy'
+    make_toy_coco(data, {'train': 4, 'val': 2}, seed=0)
+    summary = run_demo(str(ROOT / 'configs/detr/detr_vb-r18_toy.py'),
+                       str(tmp_path / 'work'), data_root=str(data),
+                       max_iters=1)
+    assert re.search(r'^  bbox AP:    \d\.\d{3} \(AP50 \d\.\d{3}\)$', summary,
+                     re.M), summary
+    assert 'segm' not in summary
+    assert (tmp_path / 'work' / 'iter_1.pth').is_file()
+
+
 def run_tool(tool, *args, cwd, timeout=900, env=None):
     cmd = [sys.executable, str(ROOT / 'tools' / tool), *map(str, args)]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,

@@ -5,7 +5,7 @@ The scripts in ``tools/`` only parse arguments and call these functions.
 import numbers
 import os
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -281,6 +281,48 @@ def build_runner(cfg: Config):
     return Runner.from_cfg(cfg)
 
 
+def _move_data_root(cfg: Config, data_root: str) -> None:
+    """Point the datasets and evaluators of a config written for its own
+    ``data_root`` (the toy configs: ``'data/toy_coco/'``) at ``data_root``.
+    """
+    old = cfg.get('data_root')
+    if not old:
+        return
+    new = data_root.rstrip('/') + '/'
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        dataset = (cfg.get(loader) or {}).get('dataset')
+        while dataset is not None:   # through dataset wrappers
+            if dataset.get('data_root') == old:
+                dataset.data_root = new
+            dataset = dataset.get('dataset')
+    for name in ('val_evaluator', 'test_evaluator'):
+        evaluator = cfg.get(name)
+        if isinstance(evaluator, dict) and str(evaluator.get(
+                'ann_file', '')).startswith(old):
+            evaluator.ann_file = new + evaluator.ann_file[len(old):]
+    cfg.data_root = new
+
+
+def metric_lines(metrics: Dict[str, float]) -> List[str]:
+    """The evaluation lines of the demo summary: COCO bbox and segm AP, each
+    only when the evaluator computed it (a boxes-only config such as DETR's
+    has no segm metric); any other metrics as they are.
+
+    Example:
+        >>> metric_lines({'coco/bbox_mAP': 0.61, 'coco/bbox_mAP_50': 0.9})
+        ['  bbox AP:    0.610 (AP50 0.900)']
+    """
+    lines = []
+    for kind in ('bbox', 'segm'):
+        ap = metrics.get(f'coco/{kind}_mAP')
+        if ap is not None:
+            ap50 = metrics.get(f'coco/{kind}_mAP_50', float('nan'))
+            lines.append(f'  {kind} AP:    {ap:.3f} (AP50 {ap50:.3f})')
+    if not lines:
+        lines.append(f'  metrics:    {dict(metrics)}')
+    return lines
+
+
 def run_demo(config: str,
              work_dir: str,
              data_root: str = 'data/toy_coco',
@@ -291,7 +333,8 @@ def run_demo(config: str,
     Args:
         config (str): A toy-dataset config.
         work_dir (str): Where logs and checkpoints go.
-        data_root (str): Where the toy dataset is written (if missing).
+        data_root (str): Where the toy dataset is written (if missing) and
+            read from: it replaces the config's ``data_root``.
         max_iters (int, optional): Override the schedule's length.
         log_level (str): mmengine's console log level (the progress bar and
             the summary are printed regardless).
@@ -305,6 +348,7 @@ def run_demo(config: str,
     if max_iters is not None:
         options['train_cfg.max_iters'] = max_iters
     cfg = load_config(config, options)
+    _move_data_root(cfg, str(root))
     setup_runner_config(cfg, config, work_dir=work_dir)
     cfg.custom_hooks = [*cfg.custom_hooks, dict(type='ProgressBarHook')]
     runner = build_runner(cfg)
@@ -320,10 +364,7 @@ def run_demo(config: str,
         f'              out_channels={backbone.out_channels}, '
         f'out_strides={backbone.out_strides}',
         f'  trained:    {runner.iter} iterations on {data_root}',
-        f"  bbox AP:    {metrics['coco/bbox_mAP']:.3f} "
-        f"(AP50 {metrics['coco/bbox_mAP_50']:.3f})",
-        f"  segm AP:    {metrics['coco/segm_mAP']:.3f} "
-        f"(AP50 {metrics['coco/segm_mAP_50']:.3f})",
+        *metric_lines(metrics),
         f'  logs:       {Path(cfg.work_dir) / runner.timestamp}',
         f'  checkpoint: {ckpt}',
     ]

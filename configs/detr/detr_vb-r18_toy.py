@@ -50,6 +50,7 @@ train_dataloader = dict(
 val_dataloader = dict(
     batch_size=4,
     num_workers=0,
+    persistent_workers=False,  # mmdet's DETR sets True: needs workers
     dataset=dict(data_root=data_root, metainfo=metainfo,
                  ann_file='annotations/val.json',
                  data_prefix=dict(img='val/'), pipeline=test_pipeline))
