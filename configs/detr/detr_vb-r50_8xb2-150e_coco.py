@@ -8,7 +8,8 @@ model = dict(
         _delete_=True,
         type='VBResNet',
         depth=50,
-        out_indices=(3, ),  # stages 0..2 only; nothing past C5 is built
+        # C5 only; all four stages are still built (C5 is computed from them)
+        out_indices=(3, ),
         frozen_stages=1,
         norm_cfg=dict(type='BN', requires_grad=False),
         norm_eval=True,
