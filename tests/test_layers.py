@@ -65,3 +65,47 @@ def test_freeze_refuses_bn_without_statistics():
                        r'BatchNorm2d with affine=True, '
                        r'track_running_stats=False'):
         freeze_batch_norms(nn.BatchNorm2d(4, track_running_stats=False))
+
+
+def test_sync_bn_conversion_keeps_norm_act_activation():
+    """mmengine's convert_sync_batchnorm (what the Runner applies for
+    sync_bn) turns BatchNormAct2d into a SyncBatchNorm that never calls its
+    act; vb_plugin's keeps it (timm's SyncBatchNormAct) and converts plain
+    BNs as mmengine does."""
+    from mmengine.model import convert_sync_batchnorm as mmengine_convert
+    from timm.layers.norm_act import SyncBatchNormAct
+
+    from vb_plugin.layers import convert_sync_batchnorm, norm_act_layers
+
+    def make():
+        return randomize_bn(nn.Sequential(
+            nn.Conv2d(3, 4, 1), BatchNormAct2d(4, act_layer=nn.ReLU),
+            nn.BatchNorm2d(4))).eval()
+
+    model = make()
+    assert norm_act_layers(model) == ['1']
+    x = torch.randn(2, 3, 5, 5)
+    ref = model(x)
+    synced = convert_sync_batchnorm(model).eval()
+    assert [type(m) for m in synced] == [nn.Conv2d, SyncBatchNormAct,
+                                         nn.SyncBatchNorm]
+    assert norm_act_layers(synced) == []
+    assert (synced(x) - ref).abs().max() <= 1e-5
+    assert convert_sync_batchnorm(synced) is synced      # idempotent
+    assert type(synced[1]) is SyncBatchNormAct
+    mangled = mmengine_convert(make()).eval()
+    assert type(mangled[1]) is nn.SyncBatchNorm
+    assert (mangled(x) - ref).abs().max() > 0.1
+
+
+def test_sync_bn_conversion_errors():
+    from vb_plugin.layers import convert_sync_batchnorm
+    with pytest.raises(ValueError, match=r"^sync_bn='nccl' is not valid; "
+                       r"use one of \('torch', 'mmcv'\)$"):
+        convert_sync_batchnorm(nn.BatchNorm2d(4), 'nccl')
+    with pytest.raises(ValueError, match=(
+            r"^sync_bn='mmcv' cannot keep the activation of timm's "
+            r"BatchNormAct2d \(mmcv's SyncBatchNorm has no form with one, "
+            r"and would drop it\); use sync_bn='torch', which converts it "
+            r"to timm's SyncBatchNormAct$")):
+        convert_sync_batchnorm(nn.Sequential(BatchNormAct2d(4)), 'mmcv')

@@ -165,6 +165,105 @@ def test_runner_config_flags(tmp_path):
                                 str(TOY_CONFIG), amp=True)
 
 
+TIMM_TOY = ROOT / 'configs/mask_rcnn/mask-rcnn_vb-timm-resnet18d_fpn_toy.py'
+#: regnetx_002 builds its BNs as timm's BatchNormAct2d (norm + act).
+NORM_ACT_OPTIONS = {'model.backbone.model_name': 'regnetx_002'}
+
+
+def test_sync_bn_keeps_timm_norm_act_layers():
+    """With sync_bn, mmengine's Runner converts the model with
+    mmengine.model.convert_sync_batchnorm, which turns timm's BatchNormAct2d
+    into a plain SyncBatchNorm that drops the activation. setup_runner_config
+    hands sync_bn to VBDistributedDataParallel instead, whose conversion
+    keeps it: the same eval outputs, layer for layer."""
+    from conftest import max_abs_diff, randomize_bn
+    from mmengine.model import MMDistributedDataParallel
+    from mmengine.model import convert_sync_batchnorm as mmengine_convert
+    from mmengine.registry import MODEL_WRAPPERS
+    from timm.layers import BatchNormAct2d
+    from timm.layers.norm_act import SyncBatchNormAct
+
+    from vb_plugin.apis import setup_runner_config
+    from vb_plugin.layers import (VBDistributedDataParallel,
+                                  convert_sync_batchnorm)
+    cfg = load_config(str(TIMM_TOY), dict(NORM_ACT_OPTIONS, sync_bn='torch'))
+    setup_runner_config(cfg, str(TIMM_TOY))
+    assert 'sync_bn' not in cfg   # so the Runner does not convert
+    assert cfg.model_wrapper_cfg == dict(
+        type='VBDistributedDataParallel', broadcast_buffers=False,
+        find_unused_parameters=False, sync_bn='torch')
+    wrapper = MODEL_WRAPPERS.get(cfg.model_wrapper_cfg.type)
+    assert wrapper is VBDistributedDataParallel
+    assert issubclass(wrapper, MMDistributedDataParallel)
+
+    # What the wrapper does to the model before DDP (DDP itself refuses
+    # SyncBatchNorm on CPU), against what the Runner would have done.
+    model = randomize_bn(build_detector(cfg, pretrained=False)).eval()
+    num_norm_act = sum(isinstance(m, BatchNormAct2d) for m in model.modules())
+    assert num_norm_act == 44
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model.extract_feat(x)
+        synced = convert_sync_batchnorm(copy.deepcopy(model),
+                                        cfg.model_wrapper_cfg.sync_bn).eval()
+        assert sum(type(m) is SyncBatchNormAct
+                   for m in synced.modules()) == num_norm_act
+        assert not any(type(m) is torch.nn.BatchNorm2d
+                       for m in synced.modules())
+        assert max_abs_diff(synced.extract_feat(x), ref) <= 1e-5
+        mangled = mmengine_convert(copy.deepcopy(model), 'torch').eval()
+        assert max_abs_diff(mangled.extract_feat(x), ref) > 0.1
+
+
+def test_sync_bn_config_checks():
+    from vb_plugin.apis import setup_runner_config
+
+    # Without timm norm-act layers, mmengine's conversion is right: as is.
+    cfg = load_config(str(TOY_CONFIG), {'sync_bn': 'torch'})
+    setup_runner_config(cfg, str(TOY_CONFIG))
+    assert cfg.sync_bn == 'torch' and 'model_wrapper_cfg' not in cfg
+    # A wrapper of the config keeps its arguments.
+    cfg = load_config(str(TIMM_TOY), dict(
+        NORM_ACT_OPTIONS, sync_bn='torch',
+        model_wrapper_cfg=dict(type='MMDistributedDataParallel',
+                               find_unused_parameters=True)))
+    setup_runner_config(cfg, str(TIMM_TOY))
+    assert cfg.model_wrapper_cfg == dict(type='VBDistributedDataParallel',
+                                         find_unused_parameters=True,
+                                         sync_bn='torch')
+    errors = [
+        ({'sync_bn': 'nccl'}, "sync_bn='nccl' is not valid; use one of "
+         "('torch', 'mmcv')"),
+        ({'sync_bn': 'mmcv'}, "sync_bn='mmcv': VBTimmBackbone has 44 timm "
+         'norm-act layers (BatchNormAct2d, e.g. body.stem.bn), and mmcv\'s '
+         'SyncBatchNorm has no form with an activation (it would drop '
+         "theirs); use sync_bn='torch', which converts them to timm's "
+         'SyncBatchNormAct'),
+        ({'sync_bn': 'torch', 'model_wrapper_cfg': dict(
+            type='MMFullyShardedDataParallel')},
+         "sync_bn='torch' with model_wrapper_cfg type "
+         "'MMFullyShardedDataParallel': VBTimmBackbone has 44 timm norm-act "
+         'layers (BatchNormAct2d, e.g. body.stem.bn), whose activation '
+         "mmengine's conversion would drop. vb_plugin converts them in its "
+         'VBDistributedDataParallel (an MMDistributedDataParallel); use that '
+         'wrapper, or convert the model with '
+         'vb_plugin.layers.convert_sync_batchnorm in yours'),
+    ]
+    for options, message in errors:
+        cfg = load_config(str(TIMM_TOY), dict(NORM_ACT_OPTIONS, **options))
+        with pytest.raises(ValueError, match='^' + re.escape(message) + '$'):
+            setup_runner_config(cfg, str(TIMM_TOY))
+    if not torch.cuda.is_available():
+        for config, options in ((TOY_CONFIG, {}), (TIMM_TOY, NORM_ACT_OPTIONS)):
+            cfg = load_config(str(config), dict(options, sync_bn='torch'))
+            with pytest.raises(ValueError, match='^' + re.escape(
+                    "sync_bn='torch' needs GPUs: torch's "
+                    'DistributedDataParallel refuses SyncBatchNorm layers in '
+                    'CPU modules; drop sync_bn for multi-process training on '
+                    'CPU') + '$'):
+                setup_runner_config(cfg, str(config), launcher='pytorch')
+
+
 @pytest.mark.parametrize('config', CONFIGS,
                          ids=[p.stem for p in CONFIGS])
 def test_every_config_builds_and_trains_one_step(config):

@@ -224,7 +224,10 @@ def setup_runner_config(cfg: Config,
         launcher (str): 'none' or 'pytorch' (torchrun), 'slurm', 'mpi'.
 
     It also adds :class:`vb_plugin.engine.RNGStateHook`, so that a resumed
-    run continues exactly as an uninterrupted one.
+    run continues exactly as an uninterrupted one, and routes ``sync_bn``
+    through :class:`vb_plugin.layers.VBDistributedDataParallel` when the
+    backbone has timm norm-act layers (mmengine's own conversion would drop
+    their activations).
     """
     cfg.launcher = launcher
     if work_dir is not None:
@@ -242,12 +245,70 @@ def setup_runner_config(cfg: Config,
     elif resume is not None:
         cfg.resume, cfg.load_from = True, resume
     wire_neck_channels(cfg)
+    if cfg.get('sync_bn') is not None:
+        _setup_sync_bn(cfg)
     hooks = cfg.get('custom_hooks') or []
     if not any(h.get('type') == 'RNGStateHook' for h in hooks):
         cfg.custom_hooks = [*hooks, dict(type='RNGStateHook')]
     if launcher != 'none' and not torch.cuda.is_available():
         _setup_cpu_distributed(cfg)
     return cfg
+
+
+def _setup_sync_bn(cfg: Config) -> None:
+    """Keep timm's norm-act layers whole under ``sync_bn``.
+
+    mmengine's Runner converts a distributed model for ``sync_bn`` with
+    ``mmengine.model.convert_sync_batchnorm``, which turns timm's
+    ``BatchNormAct2d`` into a plain ``SyncBatchNorm`` that never calls the
+    activation. When the backbone (built on the ``meta`` device) has such
+    layers, ``sync_bn`` moves into ``model_wrapper_cfg``: the Runner then
+    builds :class:`vb_plugin.layers.VBDistributedDataParallel`, which
+    converts with :func:`vb_plugin.layers.convert_sync_batchnorm` (timm's
+    ``SyncBatchNormAct`` for those layers, mmengine's conversion for the
+    others) and is otherwise mmengine's default wrapper. Other models are
+    left to mmengine.
+    """
+    from .layers import norm_act_layers
+    from .layers.sync_bn import SYNC_BN_IMPLEMENTATIONS
+    sync_bn = cfg.sync_bn
+    if sync_bn not in SYNC_BN_IMPLEMENTATIONS:
+        raise ValueError(f'sync_bn={sync_bn!r} is not valid; use one of '
+                         f'{SYNC_BN_IMPLEMENTATIONS}')
+    if 'backbone' not in cfg.get('model', {}):
+        return
+    backbone_cfg, backbone = _meta_backbone(cfg)
+    layers = norm_act_layers(backbone)
+    if not layers:
+        return
+    found = (f'{backbone_cfg.type} has {len(layers)} timm norm-act layers '
+             f'(BatchNormAct2d, e.g. {layers[0]})')
+    if sync_bn != 'torch':
+        raise ValueError(
+            f'sync_bn={sync_bn!r}: {found}, and mmcv\'s SyncBatchNorm has no '
+            "form with an activation (it would drop theirs); use "
+            "sync_bn='torch', which converts them to timm's "
+            'SyncBatchNormAct')
+    wrapper = cfg.get('model_wrapper_cfg')
+    if wrapper is None:
+        # The arguments mmengine's Runner gives its default wrapper.
+        wrapper = dict(type='MMDistributedDataParallel',
+                       broadcast_buffers=False,
+                       find_unused_parameters=cfg.get(
+                           'find_unused_parameters', False))
+    wrapper_type = wrapper.get('type', 'MMDistributedDataParallel')
+    if wrapper_type not in ('MMDistributedDataParallel',
+                            'VBDistributedDataParallel'):
+        raise ValueError(
+            f'sync_bn={sync_bn!r} with model_wrapper_cfg type '
+            f'{wrapper_type!r}: {found}, whose activation mmengine\'s '
+            'conversion would drop. vb_plugin converts them in its '
+            'VBDistributedDataParallel (an MMDistributedDataParallel); use '
+            'that wrapper, or convert the model with '
+            'vb_plugin.layers.convert_sync_batchnorm in yours')
+    cfg.model_wrapper_cfg = dict(wrapper, type='VBDistributedDataParallel',
+                                 sync_bn=sync_bn)
+    cfg.pop('sync_bn')
 
 
 def _setup_cpu_distributed(cfg: Config) -> None:
@@ -264,6 +325,13 @@ def _setup_cpu_distributed(cfg: Config) -> None:
     if backend not in (None, 'gloo'):
         raise ValueError(f'env_cfg.dist_cfg.backend={backend!r} needs GPUs; '
                          "use 'gloo' for multi-process training on CPU")
+    sync_bn = cfg.get('sync_bn') or (cfg.get('model_wrapper_cfg')
+                                     or {}).get('sync_bn')
+    if sync_bn is not None:
+        raise ValueError(
+            f'sync_bn={sync_bn!r} needs GPUs: torch\'s DistributedDataParallel '
+            'refuses SyncBatchNorm layers in CPU modules; drop sync_bn for '
+            'multi-process training on CPU')
     if cfg.launcher == 'pytorch' and not dist.is_initialized():
         dist.init_process_group(backend='gloo')
     wrapper = cfg.get('model_wrapper_cfg') or dict(
