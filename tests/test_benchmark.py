@@ -212,3 +212,21 @@ def test_all_rows_of_an_architecture_are_prepared_before_timing(monkeypatch):
         ('prepare', 'regnetx_400mf', 'VBRegNet'),
         ('prepare', 'regnetx_400mf', 'VBRegNet optimized'), ('time', 2)]
     assert all(r.iters == 2 and r.median_ms > 0 for r in out['rows'])
+
+
+def test_percent_of_peak_is_of_the_rows_own_dtype():
+    rows = bm.make_rows(['resnet18'], peers=False, forms=('bf16', ))
+    out = bm.run_benchmark(rows, bm.Settings(**TINY), progress=False,
+                           log=lambda s: None)
+    meta = out['meta']
+    fp32, bf16 = out['rows']
+    assert (fp32.dtype, bf16.dtype) == ('fp32', 'bf16')
+    assert fp32.pct_of_peak == pytest.approx(
+        100 * fp32.gflops_per_s / meta['peak']['peak_gflops'])
+    assert bf16.pct_of_peak == pytest.approx(
+        100 * bf16.gflops_per_s / meta['peak_bf16']['peak_gflops'])
+    # Without bf16 rows there is no bf16 probe.
+    out = bm.run_benchmark(bm.make_rows(['resnet18'], peers=False),
+                           bm.Settings(**TINY, complexity=False),
+                           progress=False, log=lambda s: None)
+    assert out['meta']['peak_bf16'] is None

@@ -78,7 +78,10 @@ def main(argv=None) -> dict:
         print(line)
     print(f"peak probe: {meta['peak']['peak_gflops']:.1f} GFLOP/s "
           f"(matmul {meta['peak']['matmul_gflops']:.1f}, conv "
-          f"{meta['peak']['conv_gflops']:.1f}); threads {meta['threads']}; "
+          f"{meta['peak']['conv_gflops']:.1f})"
+          + (f"; bf16 {meta['peak_bf16']['peak_gflops']:.1f} GFLOP/s"
+             if meta.get('peak_bf16') else '')
+          + f"; threads {meta['threads']}; "
           f"load average {meta['load_average_start']:.2f} -> "
           f"{meta['load_average_end']:.2f} on {meta['cpu_count']} cores")
     paths = write_outputs(out, args.out_dir)

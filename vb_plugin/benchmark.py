@@ -657,8 +657,9 @@ def _set_times(result: Result, times: Sequence[float]) -> None:
     result.images_per_s = result.batch * 1e3 / median
 
 
-def _finish(results: List[Result], peak: float) -> None:
-    """Ratios, complexity of optimised rows, achieved GFLOP/s, % of peak."""
+def _finish(results: List[Result], peaks: Dict[str, float]) -> None:
+    """Ratios, complexity of optimised rows, achieved GFLOP/s, % of the
+    peak of the row's dtype (``peaks``: dtype name -> GFLOP/s)."""
     first: Dict[str, Result] = {}
     by_name = {(r.arch, r.name): r for r in results}
     for r in results:
@@ -674,6 +675,7 @@ def _finish(results: List[Result], peak: float) -> None:
         else:
             flops = 2 * r.gmacs
         r.gflops_per_s = flops / (r.median_ms / 1e3)
+        peak = peaks.get(r.dtype, math.nan)
         r.pct_of_peak = 100 * r.gflops_per_s / peak if peak > 0 else math.nan
 
 
@@ -710,7 +712,16 @@ def run_benchmark(rows: Sequence[Row],
     warning = busy_warning(load_start, settings.threads)
     if warning:
         log(f'WARNING: {warning}')
+    # NOTE: each row's % of peak is of its own dtype's peak: bf16 runs at
+    # a multiple of the fp32 rate where the CPU has bf16 instructions.
     peak = measure_peak(device, torch.float32)
+    peaks = {'fp32': peak['peak_gflops']}
+    if settings.dtype == 'bf16' or any(
+            (row.form or {}).get('dtype') == 'bf16' for row in rows):
+        peak_bf16 = measure_peak(device, torch.bfloat16)
+        peaks['bf16'] = peak_bf16['peak_gflops']
+    else:
+        peak_bf16 = None
     x = torch.rand(settings.batch, 3, settings.height, settings.width,
                    device=device, dtype=dtype)
     results = []
@@ -765,7 +776,7 @@ def run_benchmark(rows: Sequence[Row],
     finally:
         if bar is not None:
             bar.close()
-    _finish(results, peak['peak_gflops'])
+    _finish(results, peaks)
     load_end = load_average()
     end_warning = busy_warning(load_end, settings.threads)
     if end_warning and not warning:
@@ -775,7 +786,7 @@ def run_benchmark(rows: Sequence[Row],
         torch=torch.__version__, python=platform.python_version(),
         machine=platform.machine(), processor=platform.processor(),
         cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
-        peak=peak, load_average_start=load_start,
+        peak=peak, peak_bf16=peak_bf16, load_average_start=load_start,
         load_average_end=load_end, busy_warning=warning or end_warning,
         time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
     return dict(meta=meta, rows=results)
