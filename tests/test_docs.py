@@ -299,3 +299,42 @@ def test_runner_fails_on_a_wrong_snippet(tmp_path, docs_cwd):
         with pytest.raises((pytest.fail.Exception, AssertionError,
                             ValueError)):
             _run_file(bad, docs_cwd, slow=False)
+
+
+LINK = re.compile(r'\[[^\]]*\]\(([^)\s]+)\)')
+
+
+def _anchors(path: Path):
+    """GitHub's heading anchors of a Markdown file."""
+    anchors, in_fence = set(), False
+    for line in path.read_text().splitlines():
+        if line.startswith('```'):
+            in_fence = not in_fence
+        elif not in_fence and line.startswith('#'):
+            text = line.lstrip('#').strip().lower()
+            anchors.add(re.sub(r'[^\w\- ]', '', text).replace(' ', '-'))
+    return anchors
+
+
+@pytest.mark.parametrize('path', DOC_FILES, ids=lambda p: p.name)
+def test_relative_links_resolve(path):
+    text = re.sub(r'^```.*?^```', '', path.read_text(), flags=re.M | re.S)
+    for target in LINK.findall(text):
+        if re.match(r'^[a-z]+://', target) or target.startswith('mailto:'):
+            continue
+        file_part, _, anchor = target.partition('#')
+        dest = (path.parent / file_part).resolve() if file_part else path
+        assert dest.exists(), f'{path.name}: link to missing {target}'
+        if anchor and dest.suffix == '.md':
+            assert anchor in _anchors(dest), (
+                f'{path.name}: no heading #{anchor} in {dest.name}')
+
+
+def test_link_check_fails_on_missing_targets(tmp_path):
+    page = tmp_path / 'page.md'
+    page.write_text('[ok](#a-title-with-code)\n# A title, with `code`\n')
+    test_relative_links_resolve(page)
+    for text in ('[a](missing.md)\n', '[b](#nope)\n# Title\n'):
+        page.write_text(text)
+        with pytest.raises(AssertionError):
+            test_relative_links_resolve(page)
