@@ -83,6 +83,24 @@ def test_percentile_and_busy_warning():
     assert bm.busy_warning(100., 2) is not None
 
 
+@pytest.mark.parametrize('load, threads, own, busy', [
+    (0.6, 2, False, False),   # an idle 2-core machine after a command
+    (1.0, 2, False, False),
+    (1.2, 2, False, True),    # another process on more than a core
+    (2.0, 2, True, False),    # our own two threads at the end of a run
+    (3.2, 2, True, True),
+    (1.8, 1, False, False),   # one thread leaves a core free
+    (2.5, 1, False, True),
+])
+def test_busy_warning_on_two_cores(monkeypatch, load, threads, own, busy):
+    monkeypatch.setattr(bm.os, 'cpu_count', lambda: 2)
+    warning = bm.busy_warning(load, threads, includes_own=own)
+    assert (warning is not None) == busy
+    if busy:
+        assert warning.startswith(f'the machine is busy: load average '
+                                  f'{load:.2f} on 2 cores')
+
+
 def _run(tmp_path, rows, **settings):
     out = bm.run_benchmark(rows, bm.Settings(**{**TINY, **settings}),
                            progress=False, log=lambda s: None)

@@ -278,18 +278,34 @@ def load_average() -> float:
         return math.nan
 
 
-def busy_warning(load: float, threads: int) -> Optional[str]:
-    """A warning text when other work competes for the cores: the load
-    average plus our threads exceeds the number of cores.
+def busy_warning(load: float, threads: int,
+                 includes_own: bool = False) -> Optional[str]:
+    """A warning text when other work competes for the cores.
+
+    Busy means that other processes keep more than one core busy beyond
+    the cores our threads leave free: ``load - own > cores - threads + 1``,
+    where ``own`` is ``threads`` for a load average read while (or just
+    after) the benchmark ran (``includes_own``), else 0. A 1-minute load
+    average still decaying from an earlier command (e.g. 0.6 on an idle
+    2-core machine) is not busy.
 
     Example:
+        >>> import os
+        >>> cores = os.cpu_count()
         >>> busy_warning(0.1, 2) is None
+        True
+        >>> busy_warning(cores + 2.0, 2) is None
+        False
+        >>> busy_warning(cores, cores, includes_own=True) is None
         True
     """
     cores = os.cpu_count() or 1
-    if load + threads > cores + 0.5:
+    others = load - (threads if includes_own else 0)
+    if others > max(cores - threads, 0) + 1:
         return (f'the machine is busy: load average {load:.2f} on {cores} '
-                f'cores with {threads} benchmark threads; timings are noisy')
+                f'cores with {threads} benchmark threads'
+                f'{" (ours included)" if includes_own else ""}; timings '
+                'are noisy')
     return None
 
 
@@ -778,7 +794,8 @@ def run_benchmark(rows: Sequence[Row],
             bar.close()
     _finish(results, peaks)
     load_end = load_average()
-    end_warning = busy_warning(load_end, settings.threads)
+    end_warning = busy_warning(load_end, settings.threads,
+                               includes_own=True)
     if end_warning and not warning:
         log(f'WARNING: {end_warning}')
     meta = dict(
