@@ -62,3 +62,38 @@ def save_state(tmp_path):
         return path
 
     return save
+
+
+MASK_RCNN_LOSSES = ('loss_rpn_cls', 'loss_rpn_bbox', 'loss_cls', 'loss_bbox',
+                    'loss_mask', 'loss')
+
+
+def checked_train_step(model, batch, frozen_prefixes=None):
+    """One training step and a prediction of a Mask R-CNN
+    (:func:`vb_plugin.apis.train_step_and_predict`), checking what every
+    family's config test checks: every Mask R-CNN loss is finite, backbone
+    parameters with ``requires_grad=False`` are unchanged, and some trainable
+    backbone parameter changed. With ``frozen_prefixes``, the frozen
+    parameters must exist and all start with one of them.
+
+    Returns:
+        tuple: ``(losses, preds, before)``, ``before`` being the backbone's
+        parameters before the step.
+    """
+    from vb_plugin.apis import train_step_and_predict
+    backbone = model.backbone
+    before = {n: p.detach().clone() for n, p in backbone.named_parameters()}
+    frozen = [n for n, p in backbone.named_parameters()
+              if not p.requires_grad]
+    if frozen_prefixes is not None:
+        assert frozen, 'no frozen backbone parameters'
+        assert all(n.startswith(frozen_prefixes) for n in frozen), frozen
+    losses, preds = train_step_and_predict(model, batch)
+    for key in MASK_RCNN_LOSSES:
+        assert key in losses and torch.isfinite(losses[key]), key
+    params = dict(backbone.named_parameters())
+    for n in frozen:
+        assert torch.equal(params[n], before[n]), n
+    assert any(not torch.equal(params[n], before[n])
+               for n in params if n not in frozen)
+    return losses, preds, before
