@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS as ROOT_MODELS
 
