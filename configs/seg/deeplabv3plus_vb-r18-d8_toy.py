@@ -34,8 +34,3 @@ model = dict(
         norm_cfg=norm_cfg),
     auxiliary_head=dict(
         in_channels=128, channels=32, num_classes=4, norm_cfg=norm_cfg))
-
-optim_wrapper = dict(
-    type='OptimWrapper',
-    optimizer=dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=5e-4),
-    clip_grad=None)

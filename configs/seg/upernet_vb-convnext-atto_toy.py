@@ -28,9 +28,10 @@ model = dict(
     auxiliary_head=dict(
         in_channels=160, channels=32, num_classes=4, norm_cfg=norm_cfg))
 
+# AdamW replaces the schedule's SGD.
 optim_wrapper = dict(
-    type='OptimWrapper',
     optimizer=dict(
+        _delete_=True,
         type='AdamW', lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05),
     constructor='LearningRateDecayOptimizerConstructor',
     paramwise_cfg=dict(decay_rate=0.9, decay_type='stage_wise',

@@ -1,8 +1,13 @@
-# A short CPU schedule for the toy segmentation configs (mmseg runtime, BN
-# instead of SyncBN, gloo for multi-process runs, no GPU needed).
+# A short CPU schedule for the toy segmentation configs (SGD, mmseg runtime,
+# BN instead of SyncBN, gloo for multi-process runs, no GPU needed).
 # (custom_imports is set by each config: mmseg's ConvNeXt model base sets
 # its own, and a key may come from one base only.)
 _base_ = ['mmseg::_base_/default_runtime.py']
+
+optim_wrapper = dict(
+    type='OptimWrapper',
+    optimizer=dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=5e-4),
+    clip_grad=None)
 
 max_iters = 200
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters,
