@@ -9,13 +9,15 @@ from .models import (VBBackbone, VBConvNeXt, VBRegNet, VBResNet,
                      VBTimmBackbone)
 from .inference import optimize_for_inference
 from .version import __version__
+from .wiring import install_build_hook, wire_model
 from .weights import (CheckpointError, LoadReport,
                       install_safe_mmengine_loader, load_pretrained)
 
 install_safe_mmengine_loader()
+install_build_hook()
 
 __all__ = [
     'VBBackbone', 'VBConvNeXt', 'VBRegNet', 'VBResNet', 'CheckpointError',
     'LoadReport', 'optimize_for_inference',
-    'VBTimmBackbone', 'load_pretrained', '__version__'
+    'VBTimmBackbone', 'load_pretrained', 'wire_model', '__version__'
 ]

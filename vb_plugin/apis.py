@@ -2,7 +2,6 @@
 
 The scripts in ``tools/`` only parse arguments and call these functions.
 """
-import numbers
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -13,6 +12,8 @@ from mmengine.config import Config
 from mmengine.optim import OptimWrapper
 from mmengine.registry import MODELS, init_default_scope
 from torch import nn
+
+from .wiring import wire_model
 
 
 def load_config(config: str, cfg_options: Optional[dict] = None) -> Config:
@@ -34,9 +35,13 @@ def _meta_backbone(cfg: Config) -> Tuple[dict, nn.Module]:
 
 
 def wire_neck_channels(cfg: Config) -> Optional[Tuple[int, ...]]:
-    """Fill or check ``cfg.model.neck.in_channels`` from the backbone.
+    """Fill or check ``cfg.model.neck.in_channels`` from the backbone, and
+    check the heads' strides and the input padding against it.
 
-    With ``in_channels='auto'`` (or missing) the neck gets the backbone's
+    The same check runs in every entry point that builds the model (see
+    :mod:`vb_plugin.wiring`); calling it on the config first also puts the
+    filled-in list into the config that a tool saves. With
+    ``in_channels='auto'`` (or missing) the neck gets the backbone's
     ``out_channels``. A list that disagrees raises a ``ValueError`` that gives
     the right list, before any weights exist, instead of a conv shape error
     deep inside the neck. The backbone is built on the ``meta`` device, so
@@ -67,59 +72,10 @@ def wire_neck_channels(cfg: Config) -> Optional[Tuple[int, ...]]:
         ((128, 256, 512), [128, 256, 512])
     """
     model = cfg.get('model', {})
-    neck = model.get('neck')
-    if isinstance(neck, (list, tuple)) and neck and all(
-            isinstance(n, dict) for n in neck):
-        for k, later in enumerate(neck[1:], start=1):
-            if later.get('in_channels', None) == 'auto':
-                raise ValueError(
-                    f"model.neck[{k}].in_channels='auto': only the first "
-                    "neck of a list takes the backbone's outputs and can be "
-                    f"'auto'; model.neck[{k}] ({later.get('type')}) takes "
-                    f'the outputs of model.neck[{k - 1}]: write its '
-                    'in_channels')
-        neck, short = neck[0], 'neck[0].in_channels'
-    else:
-        short = 'neck.in_channels'
-    name = f'model.{short}'
-    if not isinstance(neck, dict) or 'backbone' not in model:
+    if not isinstance(model, dict) or 'backbone' not in model:
         return None
-    backbone_cfg, backbone = _meta_backbone(cfg)
-    channels = getattr(backbone, 'out_channels', None)
-    if channels is None:
-        return None
-    channels = tuple(int(c) for c in channels)
-    given = neck.get('in_channels', 'auto')
-    where = (f'{backbone_cfg.type} with out_indices='
-             f'{tuple(getattr(backbone, "out_indices", ()))} gives '
-             f'out_channels {list(channels)}')
-    if given in (None, 'auto'):
-        neck.in_channels = list(channels)
-        return channels
-    if isinstance(given, numbers.Integral) and not isinstance(given, bool):
-        if len(channels) != 1:
-            raise TypeError(
-                f'{name}={given!r} is an int, but {where}, one map per '
-                f"output: set {short}={list(channels)} or 'auto' (an int is "
-                'for a neck that takes a single map, behind a backbone with '
-                'one output)')
-        if int(given) != channels[0]:
-            raise ValueError(
-                f'{name}={given!r} does not match the backbone: {where}. '
-                f'Set {short}={channels[0]}.')
-        return channels
-    if isinstance(given, (str, bytes)) or not isinstance(
-            given, (list, tuple)) or not all(
-                isinstance(c, numbers.Integral) and not isinstance(c, bool)
-                for c in given):
-        raise TypeError(
-            f"{name} must be 'auto' or a list of ints (one per backbone "
-            f'output), got {given!r} ({type(given).__name__}); {where}')
-    if [int(c) for c in given] != list(channels):
-        raise ValueError(
-            f'{name}={list(given)} does not match the backbone: {where}. '
-            f"Set {short}={list(channels)} or 'auto'.")
-    return channels
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    return wire_model(model)
 
 
 def build_detector(cfg: Config, pretrained: bool = True) -> nn.Module:
