@@ -17,7 +17,8 @@ model = dict(
         norm_eval=False,
         norm_cfg=dict(type='BN', requires_grad=True),
         init_cfg=None),
-    # 'auto': filled from the backbone's out_channels by vb_plugin's tools.
+    # 'auto': filled from the backbone's out_channels wherever the model is
+    # built (vb_plugin hooks mmengine's model registry; docs/workflows.md).
     neck=dict(in_channels='auto', out_channels=64),
     rpn_head=dict(in_channels=64, feat_channels=64),
     roi_head=dict(
