@@ -419,3 +419,13 @@ def test_mask_rcnn_regnetx_trains_one_step_and_predicts():
     # norm_eval: BN statistics did not move during the training step.
     assert backbone.layer2[0].bn1.num_batches_tracked.item() == 0
     assert preds[0].pred_instances.masks.shape[1:] == (128, 160)
+
+
+def test_norm1_is_the_stem_norm_as_in_mmdet():
+    from mmdet.models.backbones import RegNet as MMDetRegNet
+    ref = MMDetRegNet(arch='regnetx_400mf')
+    model = VBRegNet(arch='regnetx_400mf')
+    model.load_state_dict(ref.state_dict())
+    assert ref.norm1_name == 'bn1' and model.norm1 is model.bn1
+    assert type(model.norm1) is type(ref.norm1)
+    assert torch.equal(model.norm1.weight, ref.norm1.weight)

@@ -261,3 +261,69 @@ def test_dcn_loads_imagenet_weights_with_offsets_kept(save_state):
     x = torch.randn(1, 3, 128, 96)
     for out, ref_out in zip(model(x), torchvision_features(ref, x)):
         assert max_abs_diff(out, ref_out) <= TOL * ref_out.abs().max()
+
+
+@pytest.mark.parametrize('cfg', [
+    dict(depth=18), dict(depth=50, norm_cfg=dict(type='GN', num_groups=8,
+                                                  requires_grad=True))],
+    ids=['bn', 'gn'])
+def test_norm1_is_the_stem_norm_as_in_mmdet(cfg):
+    """mmdet's ResNet exposes its stem norm as ``norm1`` (freezing hooks and
+    inspection code read it)."""
+    ref = MMDetResNet(**cfg)
+    model = VBResNet(**cfg)
+    model.load_state_dict(ref.state_dict())
+    assert model.norm1 is getattr(model, ref.norm1_name)
+    assert type(model.norm1) is type(ref.norm1)
+    for a, b in zip(model.norm1.state_dict().values(),
+                    ref.norm1.state_dict().values()):
+        assert torch.equal(a, b)
+    # frozen_bn swaps the module; norm1 follows.
+    frozen = VBResNet(depth=18, frozen_stages=0, frozen_bn=True)
+    assert type(frozen.norm1).__name__ == 'FrozenBatchNorm2d'
+    # A deep stem has no single norm, in mmdet too.
+    with pytest.raises(AttributeError):
+        MMDetResNet(depth=18, deep_stem=True).norm1
+    with pytest.raises(AttributeError):
+        VBResNet(depth=18, deep_stem=True).norm1
+
+
+def test_dcn_size_error_is_also_mmcvs_runtime_error():
+    """Code written against mmcv catches RuntimeError; code written against
+    vb_plugin catches ValueError: both catch the one error."""
+    from vb_plugin.models import DCNInputSizeError
+    model = VBResNet(depth=50, base_channels=8,
+                     dcn=dict(type='DCN', deform_groups=1),
+                     stage_with_dcn=(False, False, False, True)).eval()
+    for kind in (RuntimeError, ValueError, DCNInputSizeError):
+        with pytest.raises(kind, match='^VBResNet stage 3 \\(layer4\\)'):
+            model(torch.rand(1, 3, 40, 40))
+
+
+def test_with_cp_checkpoints_in_the_base_class_not_in_mmdets_blocks():
+    """One mechanism (documented in docs/migration.md): VBBackbone wraps each
+    block in torch.utils.checkpoint; the blocks' own with_cp flag stays False,
+    so nothing is checkpointed twice. Gradients equal the plain run's."""
+    import torch.utils.checkpoint as cp
+    calls = []
+    original = cp.checkpoint
+
+    def counting(fn, *args, **kwargs):
+        calls.append(type(fn).__name__)
+        return original(fn, *args, **kwargs)
+
+    x = torch.rand(1, 3, 64, 96)
+    plain = VBResNet(depth=18, base_channels=8).train()
+    model = VBResNet(depth=18, base_channels=8, with_cp=True).train()
+    model.load_state_dict(plain.state_dict())
+    assert all(not b.with_cp for i in range(4)
+               for b in getattr(model, f'layer{i + 1}'))
+    cp.checkpoint = counting
+    try:
+        sum(o.sum() for o in model(x)).backward()
+    finally:
+        cp.checkpoint = original
+    assert calls == ['BasicBlock'] * 8   # each block once, by the base
+    sum(o.sum() for o in plain(x)).backward()
+    for (n, a), b in zip(model.named_parameters(), plain.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), n

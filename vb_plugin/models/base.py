@@ -136,6 +136,11 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
             ``source`` and ``prefix``. Defaults to None.
     """
 
+    #: What the input's height and width must be multiples of (1: any size).
+    #: The wiring (:mod:`vb_plugin.wiring`) checks it against the data
+    #: preprocessor's ``pad_size_divisor`` when a detector is built.
+    size_divisor: int = 1
+
     #: Regexes of state-dict keys a checkpoint may lack: layers that the
     #: source models do not have. They keep their initial values.
     new_layer_patterns: Tuple[str, ...] = (r'^out_norms\.',
@@ -223,6 +228,19 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
     def out_strides(self) -> Tuple[int, ...]:
         """Stride of each output relative to the input, in output order."""
         return tuple(self.stage_strides[i] for i in self.out_indices)
+
+    @property
+    def norm1(self) -> nn.Module:
+        """The stem's norm under mmdet's public name, for families that
+        name it as mmdet's ResNet and RegNet do (``norm1_name``: ``bn1``,
+        ``gn1``, ...). ``AttributeError`` otherwise, as in mmdet (a deep
+        stem has no single norm)."""
+        name = getattr(self, 'norm1_name', None)
+        if name is None or name not in self._modules:
+            raise AttributeError(
+                f'{type(self).__name__} has no stem norm named norm1 '
+                '(mmdet has none either for this stem)')
+        return self._modules[name]
 
     def unbuilt_module_names(self) -> Tuple[str, ...]:
         """Names of the modules of the stages that were not built, with

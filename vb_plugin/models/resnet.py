@@ -31,6 +31,14 @@ from .base import OptConfigType, VBBackbone
 DCN_SIZE_ERROR = 'input image is smaller than kernel'
 
 
+class DCNInputSizeError(ValueError, RuntimeError):
+    """mmcv's DCN (v1) got a feature map smaller than its 3x3 kernel.
+
+    A ``ValueError`` (bad input size) that is also the ``RuntimeError``
+    mmcv raises, so code that catches mmcv's error still catches it.
+    """
+
+
 @dataclass(frozen=True)
 class ResNetArch:
     """One row of the ResNet table: block type and blocks per stage."""
@@ -289,7 +297,8 @@ class VBResNet(VBBackbone):
                 raise
             raise self._dcn_size_error(module, x) from err
 
-    def _dcn_size_error(self, stage: nn.Module, x: torch.Tensor) -> ValueError:
+    def _dcn_size_error(self, stage: nn.Module,
+                        x: torch.Tensor) -> DCNInputSizeError:
         """mmcv's "input image is smaller than kernel", with the stage, the
         option and the sizes that explain it."""
         i = next(j for j in range(self.num_built_stages)
@@ -302,7 +311,7 @@ class VBResNet(VBBackbone):
         deepest = max(self.stage_strides[j]
                       for j in range(self.num_built_stages)
                       if self.stage_with_dcn[j])
-        return ValueError(
+        return DCNInputSizeError(
             f'VBResNet stage {i} (layer{i + 1}) has deformable convs '
             f'(dcn={dict(self.dcn)!r}, stage_with_dcn[{i}]=True), and '
             f"mmcv's {self.dcn['type']} (DeformConv2dPack) needs feature "
