@@ -369,6 +369,40 @@ def test_pretrained_init_cfg_round_trip(name, case, save_state):
 
 
 @pytest.mark.parametrize('name,case', FIRST_CASES)
+def test_pretrained_in_an_init_cfg_list_loads_strictly(name, case, save_state):
+    """A 'Pretrained' entry of an init_cfg list goes through the strict
+    loader too (mmengine's would skip a missing key without a word); the
+    other entries are applied by mmengine first, as mmengine orders them."""
+    from vb_plugin import CheckpointError
+    src = build(name, case)
+    src.init_weights()
+    state = src.state_dict()
+    good = save_state(state)
+    init = [dict(type='Constant', layer=['Conv2d', 'Linear'], val=0.25),
+            dict(type='Pretrained', checkpoint=str(good))]
+    model = build(name, case, init_cfg=init)
+    model.init_weights()
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert model.init_cfg == init
+
+    first = next(k for k in state if k.endswith('weight'))
+    bad = save_state({k: v for k, v in state.items() if k != first})
+    model = build(name, case, init_cfg=[
+        dict(type='Constant', layer='Conv2d', val=0.25),
+        dict(type='Pretrained', checkpoint=str(bad))])
+    with pytest.raises(CheckpointError, match=re.escape(first)):
+        model.init_weights()
+
+    two = [dict(type='Pretrained', checkpoint='a.pth'),
+           dict(type='Pretrained', checkpoint='b.pth')]
+    with pytest.raises(ValueError, match='^' + re.escape(
+            "init_cfg has 2 entries of type='Pretrained'; give one "
+            "checkpoint (got ['a.pth', 'b.pth'])") + '$'):
+        build(name, case, init_cfg=two).init_weights()
+
+
+@pytest.mark.parametrize('name,case', FIRST_CASES)
 def test_pretrained_into_pruned_model_reports_unbuilt(name, case, save_state):
     from vb_plugin import load_pretrained
     src = build(name, case)

@@ -345,15 +345,32 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
 
     # ------------------------------------------------------------------
     # Weights.
+    def _split_init_cfg(self) -> Tuple[Optional[dict], list]:
+        """The ``init_cfg`` entry of type 'Pretrained' (or None) and the
+        others, from a dict or a list of dicts."""
+        cfg = self.init_cfg
+        entries = list(cfg) if isinstance(cfg, (list, tuple)) else (
+            [] if cfg is None else [cfg])
+        pretrained = [c for c in entries
+                      if isinstance(c, dict) and c.get('type') == 'Pretrained']
+        if len(pretrained) > 1:
+            raise ValueError(
+                f'init_cfg has {len(pretrained)} entries of type='
+                "'Pretrained'; give one checkpoint (got "
+                f"{[c.get('checkpoint') for c in pretrained]})")
+        others = [c for c in entries if not any(c is p for p in pretrained)]
+        return (pretrained[0] if pretrained else None), others
+
     def pretrained_init_cfg(self) -> Optional[dict]:
-        """The ``init_cfg`` of type 'Pretrained', checked, or None.
+        """The ``init_cfg`` of type 'Pretrained', checked, or None. It may be
+        ``init_cfg`` itself or one entry of a list.
 
         Raises:
-            ValueError: On keys other than checkpoint, prefix and source, or
-                without a checkpoint.
+            ValueError: On keys other than checkpoint, prefix and source,
+                without a checkpoint, or with two such entries in a list.
         """
-        cfg = self.init_cfg
-        if not (isinstance(cfg, dict) and cfg.get('type') == 'Pretrained'):
+        cfg = self._split_init_cfg()[0]
+        if cfg is None:
             return None
         extra = set(cfg) - {'type', 'checkpoint', 'prefix', 'source'}
         if extra:
@@ -369,19 +386,28 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
         """Initialise; ``init_cfg`` of type 'Pretrained' loads strictly.
 
         mmengine's own ``PretrainedInit`` loads with ``strict=False`` and
-        would silently skip mismatched keys; a pretrained ``init_cfg`` is
-        therefore routed through :meth:`load_pretrained_init_cfg`. Any other
-        ``init_cfg`` (e.g. ``dict(type='Kaiming', layer='Conv2d')``) is
-        applied by mmengine, then :meth:`init_default_weights` runs.
+        would silently skip mismatched keys; a pretrained ``init_cfg`` (alone
+        or as one entry of a list) is therefore routed through
+        :meth:`load_pretrained_init_cfg`. Every other ``init_cfg`` (e.g.
+        ``dict(type='Kaiming', layer='Conv2d')``) is applied by mmengine, then
+        :meth:`init_default_weights` runs, then the pretrained weights load
+        (mmengine's order: pretrained last).
         """
         cfg = self.pretrained_init_cfg()
-        if cfg is not None:
+        if cfg is None:
+            super().init_weights()
+            self.init_default_weights()
+            return
+        full, others = self.init_cfg, self._split_init_cfg()[1]
+        try:
+            self.init_cfg = others or None
+            if others:
+                super().init_weights()
             self.init_default_weights()
             self.load_pretrained_init_cfg(cfg)
-            self._is_init = True
-            return
-        super().init_weights()
-        self.init_default_weights()
+        finally:
+            self.init_cfg = full
+        self._is_init = True
 
     def load_pretrained_init_cfg(self, cfg: dict) -> None:
         """Family hook: load the checked ``init_cfg`` of type 'Pretrained'
