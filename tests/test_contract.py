@@ -434,3 +434,29 @@ def test_pretrained_with_output_norms_of_other_outputs(name, case, save_state):
         assert f'out_norms.{i}.weight' in unbuilt
     assert torch.equal(model.out_norms['1'].weight,
                        src.out_norms['1'].weight)
+
+
+@pytest.mark.parametrize('name,case', FIRST_CASES)
+@pytest.mark.parametrize('value,error,message', [
+    (0, ValueError, 'in_channels=0 is not valid; it must be a positive int'),
+    (-3, ValueError,
+     'in_channels=-3 is not valid; it must be a positive int'),
+    (3.0, TypeError, 'in_channels must be a positive int, got 3.0 (float)'),
+    (True, TypeError, 'in_channels must be a positive int, got True (bool)'),
+])
+def test_in_channels_is_checked_at_build(name, case, value, error, message):
+    with pytest.raises(error, match='^' + re.escape(message) + '$'):
+        build(name, case, in_channels=value)
+
+
+@pytest.mark.parametrize('name,case', FIRST_CASES)
+def test_input_shape_is_checked_at_forward(name, case):
+    """A wrong channel count or rank is a ValueError that names the expected
+    shape, not a conv error from deep inside torch."""
+    model = build(name, case, in_channels=4).eval()
+    assert model(torch.rand(1, 4, 64, 64))[0].shape[0] == 1
+    for shape in ((1, 3, 64, 64), (4, 64, 64), (1, 1, 4, 64, 64)):
+        with pytest.raises(ValueError, match='^' + re.escape(
+                f'{name} takes a batch of images of shape (N, 4, H, W) '
+                f'(in_channels=4), got a tensor of shape {shape}') + '$'):
+            model(torch.rand(*shape))

@@ -187,6 +187,10 @@ def test_parity_with_transformers(variant, save_state, tmp_path):
      r'values are 1, 2, 3, 4'),
     (dict(depth=18, dcn=dict(type='DCNv2')), r'dcn is only supported for '
      r'Bottleneck depths \(50, 101, 152\), got depth=18'),
+    (dict(depth=18, base_channels=0), r'^base_channels=0 is not valid; it '
+     r'must be a positive int$'),
+    (dict(depth=18, stem_channels=1), r'^stem_channels=1 is not valid; it '
+     r'must be an int >= 2$'),
 ])
 def test_resnet_option_errors(cfg, message):
     with pytest.raises(ValueError, match=message):

@@ -329,8 +329,21 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
             x = module(x)
         return x
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ``ValueError`` naming the expected shape when ``x`` is
+        not an NCHW batch with the backbone's ``in_channels``, instead of a
+        shape error deep inside the first conv. A shape comparison only."""
+        channels = getattr(self, 'in_channels', None)
+        if x.dim() != 4 or (channels is not None and x.shape[1] != channels):
+            raise ValueError(
+                f'{type(self).__name__} takes a batch of images of shape '
+                f'(N, {channels if channels is not None else "C"}, H, W) '
+                f'(in_channels={channels}), got a tensor of shape '
+                f'{tuple(x.shape)}')
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Return the feature maps of ``out_indices``, in stage order."""
+        self.check_input(x)
         x = self.forward_stem(x)
         outs = []
         for i in range(self.num_built_stages):

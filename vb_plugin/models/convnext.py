@@ -29,6 +29,7 @@ from torch import nn
 
 from ..layers import check_norm_cfg
 from ..weights.convnext import CONVNEXT_SOURCES
+from ..checks import check_int
 from .base import OptConfigType, VBBackbone
 
 
@@ -337,7 +338,7 @@ class VBConvNeXt(VBBackbone):
         if use_grn is None:
             use_grn = version == 'v2'
         check_norm_cfg(norm_cfg, 'norm_cfg')
-        self.in_channels = in_channels
+        self.in_channels = check_int('in_channels', in_channels, minimum=1)
         self.norm_cfg = copy.deepcopy(norm_cfg)
         self.drop_path_rate = float(drop_path_rate)
         self.layer_scale_init_value = float(layer_scale_init_value)

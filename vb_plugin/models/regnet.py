@@ -33,6 +33,7 @@ from torch import nn
 
 from ..layers import check_norm_cfg
 from ..weights.regnet import REGNET_SOURCES
+from ..checks import check_int
 from .base import OptConfigType, VBBackbone
 from .resnet import CONV_BN_INIT_CFG
 
@@ -471,15 +472,8 @@ class VBRegNet(VBBackbone):
                  with_cp: bool = False,
                  init_cfg=None) -> None:
         self.arch = resolve_arch(arch)
-        for name, value in (('in_channels', in_channels),
-                            ('stem_channels', stem_channels)):
-            if isinstance(value, bool) or not isinstance(
-                    value, numbers.Integral):
-                raise TypeError(f'{name} must be a positive int, got '
-                                f'{value!r} ({type(value).__name__})')
-            if value < 1:
-                raise ValueError(f'{name}={value!r} is not valid; it must '
-                                 'be a positive int')
+        check_int('in_channels', in_channels, minimum=1)
+        check_int('stem_channels', stem_channels, minimum=1)
         stages = derive_stages(self.arch)
         if not 1 <= len(stages.widths) <= 4:
             raise ValueError(

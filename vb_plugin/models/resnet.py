@@ -24,6 +24,7 @@ from torch import nn
 
 from ..layers import check_norm_cfg
 from ..weights.resnet import RESNET_SOURCES
+from ..checks import check_int
 from .base import OptConfigType, VBBackbone
 
 
@@ -166,6 +167,10 @@ class VBResNet(VBBackbone):
         if style not in ('pytorch', 'caffe'):
             raise ValueError(f"style={style!r} is not valid; use 'pytorch' "
                              "or 'caffe'")
+        check_int('in_channels', in_channels, minimum=1)
+        check_int('base_channels', base_channels, minimum=1)
+        if stem_channels is not None:
+            check_int('stem_channels', stem_channels, minimum=2)
         self.arch = RESNET_ARCHS[depth]
         if dcn is not None and self.arch.block is not Bottleneck:
             raise ValueError(f'dcn is only supported for Bottleneck depths '

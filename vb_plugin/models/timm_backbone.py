@@ -20,7 +20,6 @@ are timm's own, and maps timm's structure onto the contract:
   strictly, then move into the extractor; see :mod:`vb_plugin.weights.timm`.
 """
 import difflib
-import numbers
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -31,6 +30,7 @@ from timm.models._features import (FeatureDictNet, FeatureGetterNet,
                                    FeatureHookNet)
 from torch import nn
 
+from ..checks import check_int
 from ..weights.rules import WeightSource
 from .base import OptConfigType, VBBackbone
 
@@ -271,10 +271,7 @@ class VBTimmBackbone(VBBackbone):
         if levels not in LEVEL_MODES:
             raise ValueError(f'levels={levels!r} is not valid; use one of '
                              f'{LEVEL_MODES}')
-        if isinstance(in_channels, bool) or not isinstance(
-                in_channels, numbers.Integral) or in_channels < 1:
-            raise ValueError(f'in_channels must be a positive int, got '
-                             f'{in_channels!r}')
+        check_int('in_channels', in_channels, minimum=1)
         model_kwargs = dict(model_kwargs or {})
         reserved = sorted(set(model_kwargs) & set(RESERVED_KWARGS))
         if reserved:
@@ -464,6 +461,7 @@ class VBTimmBackbone(VBBackbone):
         timm's extractor runs as timm runs it (its forward is not always a
         chain of modules: HRNet branches, ViT tokens).
         """
+        self.check_input(x)
         feats = self.body(x)
         if isinstance(feats, dict):
             feats = list(feats.values())
