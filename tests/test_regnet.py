@@ -429,3 +429,25 @@ def test_norm1_is_the_stem_norm_as_in_mmdet():
     assert ref.norm1_name == 'bn1' and model.norm1 is model.bn1
     assert type(model.norm1) is type(ref.norm1)
     assert torch.equal(model.norm1.weight, ref.norm1.weight)
+
+
+def test_torchvision_weights_into_the_pycls_arch_name_the_twin(save_state):
+    """torchvision's regnet_x_400mf rounds widths its own way: loading it
+    into arch='regnetx_400mf' fails on shapes, and the error says which arch
+    fits."""
+    import torchvision
+    ref = torchvision.models.regnet_x_400mf()
+    path = save_state(ref.state_dict())
+    model = VBRegNet(arch='regnetx_400mf')
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(model, path, verbose=False)
+    message = str(info.value)
+    assert re.search(r'  wrong shape: \d+ ', message), message
+    assert message.endswith(
+        "  hint: torchvision rounds RegNet widths its own way, so its "
+        "checkpoints fit torchvision's archs only: arch='regnet_x_400mf' is "
+        "torchvision's form of this arch"), message
+    # The twin loads it.
+    report = load_pretrained(VBRegNet(arch='regnet_x_400mf'), path,
+                             verbose=False)
+    assert report.source == 'torchvision'

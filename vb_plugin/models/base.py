@@ -430,6 +430,11 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
                         source=cfg.get('source', 'auto'),
                         prefix=cfg.get('prefix'))
 
+    def load_hint(self, source: str) -> str:
+        """Family hook: a hint appended to the error of a strict load from
+        layout ``source`` that does not fit (e.g. the arch that would)."""
+        return ''
+
     def init_default_weights(self) -> None:
         """Family hook run after the default init (e.g. zero-init residuals).
 

@@ -540,6 +540,20 @@ class VBRegNet(VBBackbone):
                     norm_cfg=self.norm_cfg))
         self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
 
+    def load_hint(self, source: str) -> str:
+        """torchvision rounds bottleneck widths its own way: its weights
+        fit only the torchvision archs; name the twin of this one."""
+        if source != 'torchvision' or self.arch.rounding == 'torchvision':
+            return ''
+        twins = [name for name, cfg in TORCHVISION_ARCHS.items()
+                 if dataclasses.replace(cfg, rounding=self.arch.rounding)
+                 == self.arch]
+        twin = (f"arch={twins[0]!r} is torchvision's form of this arch"
+                if twins else "use one of torchvision's archs "
+                f'{list(TORCHVISION_ARCHS)}')
+        return ('torchvision rounds RegNet widths its own way, so its '
+                f"checkpoints fit torchvision's archs only: {twin}")
+
     def init_default_weights(self) -> None:
         if not self.zero_init_residual:
             return

@@ -168,6 +168,9 @@ def load_pretrained(model: nn.Module,
                            ('wrong shape', mismatched)):
             if keys:
                 problems.append(f'  {what}: {len(keys)} {_sample(keys)}')
+        hint = getattr(model, 'load_hint', lambda source: '')(layout.name)
+        if hint:
+            problems.append(f'  hint: {hint}')
         raise CheckpointError(
             f'{checkpoint}: nothing was loaded into {type(model).__name__}; '
             f'the checkpoint (layout {layout.name!r}'
