@@ -427,3 +427,90 @@ def test_demo_schedule_learns_and_survives_resume(tmp_path):
     assert untrained['coco/segm_mAP'] < 0.01
     assert trained['coco/bbox_mAP'] >= 0.5
     assert trained['coco/segm_mAP'] >= 0.5
+
+
+DUMP_HOOK = '''
+import torch
+import torch.distributed as dist
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module()
+class DumpWeightsHook(Hook):
+    """Every rank saves the parameters it ends training with (BN running
+    statistics are per rank: mmengine's DDP does not broadcast buffers)."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def after_train(self, runner):
+        model = runner.model.module if is_model_wrapper(runner.model) \\
+            else runner.model
+        torch.save(dict(model.named_parameters()),
+                   f'{self.out_dir}/rank{dist.get_rank()}.pth')
+'''
+
+
+def test_two_nodes_of_one_process_train_the_same_weights(small_toy):
+    """Two "nodes" on 127.0.0.1, as a cluster runs mmdet's dist_train.sh:
+    two torchrun invocations with NNODES=2 and their own NODE_RANK. Each
+    rank saves the parameters it ends with; after two iterations they are
+    equal, and equal to the checkpoint rank 0 saved."""
+    out = small_toy / 'nodes'
+    out.mkdir()
+    (out / 'dump_weights_hook.py').write_text(DUMP_HOOK)
+    config = out / 'two_nodes.py'
+    config.write_text(
+        f"_base_ = '{TOY_CONFIG}'\n"
+        "custom_imports = dict(imports=['vb_plugin', 'dump_weights_hook'],\n"
+        "                      allow_failed_imports=False)\n"
+        f"custom_hooks = [dict(type='DumpWeightsHook', out_dir='{out}')]\n")
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, PYTHON=sys.executable, PORT='29533',
+                   NNODES='2', NODE_RANK=str(rank), MASTER_ADDR='127.0.0.1',
+                   OMP_NUM_THREADS='1',
+                   PYTHONPATH=f"{out}{os.pathsep}"
+                   f"{os.environ.get('PYTHONPATH', '')}")
+        procs.append(subprocess.Popen(
+            ['bash', str(ROOT / 'tools' / 'dist_train.sh'), str(config), '1',
+             '--work-dir', str(out / 'work'), '--cfg-options',
+             'train_cfg.max_iters=2', *SHORT_RUN],
+            cwd=small_toy, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, env=env))
+    try:
+        logs = [p.communicate(timeout=900)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    assert 'Distributed training: True' in logs[0]
+    assert 'GPU number: 2' in logs[0]   # mmengine's name for the world size
+    a = torch.load(out / 'rank0.pth', weights_only=True)
+    b = torch.load(out / 'rank1.pth', weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    from vb_plugin.weights import read_checkpoint
+    saved = read_checkpoint(out / 'work' / 'iter_2.pth')['state_dict']
+    assert all(torch.equal(saved[k], a[k]) for k in a)
+
+
+def test_slurm_train_matches_mmdets():
+    """tools/slurm_train.sh takes mmdet's arguments and variables and gives
+    srun the same options (not run here: no Slurm)."""
+    import mmdet
+    ours = (ROOT / 'tools' / 'slurm_train.sh').read_text()
+    theirs = (Path(mmdet.__file__).parent / '.mim' / 'tools' /
+              'slurm_train.sh').read_text()
+    pattern = re.compile(r'^\s*(--[\w-]+=\S+|\w+=\$\{[^}]+\}|\w+=\$\d)',
+                         re.M)
+    assert [o for o in pattern.findall(ours)
+            if not o.startswith('PYTHON=')] == pattern.findall(theirs)
+    assert '--launcher="slurm"' in ours
+    proc = subprocess.run(['bash', '-n', str(ROOT / 'tools' /
+                                             'slurm_train.sh')])
+    assert proc.returncode == 0

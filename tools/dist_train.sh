@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Multi-process training with torchrun, as mmdet's tools/dist_train.sh.
+#   [NNODES=1] [NODE_RANK=0] [MASTER_ADDR=127.0.0.1] [PORT=29500] \
 #   bash tools/dist_train.sh CONFIG NPROC [train.py options...]
+# NPROC processes on this node; for several nodes run it on each with the
+# same NNODES, MASTER_ADDR and PORT and its own NODE_RANK (0 on the master).
 # On CPU the config's env_cfg.dist_cfg.backend must be 'gloo'.
 set -euo pipefail
 CONFIG=$1
