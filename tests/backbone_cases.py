@@ -37,6 +37,15 @@ BACKBONE_CASES = {
         # BatchNormAct2d (norm + act in one layer) and a stride-2 level.
         dict(model_name='mobilenetv3_small_050'),
         dict(model_name='regnetx_002'),
+        # Single-scale transformers: ViTDet's simple pyramid (default) and
+        # the multi-level one; Swin pads its input to the patch size.
+        dict(model_name='vit_tiny_patch16_224',
+             model_kwargs=dict(depth=4, embed_dim=32, num_heads=2)),
+        dict(model_name='vit_small_patch14_dinov2', pyramid='multilevel',
+             model_kwargs=dict(depth=4, embed_dim=32, num_heads=2)),
+        dict(model_name='swin_tiny_patch4_window7_224', drop_path_rate=0.0,
+             model_kwargs=dict(depths=(1, 1, 1, 1), embed_dim=16,
+                               num_heads=(1, 1, 2, 2))),
     ],
 }
 

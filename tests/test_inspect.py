@@ -1,4 +1,4 @@
-"""tools/inspect.py and vb_plugin.inspection: every figure against the real
+"""tools/inspect_config.py and vb_plugin.inspection: every figure against the real
 built model and optimizer."""
 import subprocess
 import sys
@@ -94,7 +94,7 @@ def test_checkpoint_report_and_refusal(tmp_path):
 
 def test_tool_prints_the_summary():
     proc = subprocess.run(
-        [sys.executable, str(ROOT / 'tools' / 'inspect.py'), TOY,
+        [sys.executable, str(ROOT / 'tools' / 'inspect_config.py'), TOY,
          '--cfg-options', 'model.backbone.frozen_stages=0'],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

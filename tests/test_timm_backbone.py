@@ -75,6 +75,9 @@ PARITY = {}
 
 
 def build(name, kwargs, **options):
+    # NOTE: the raw levels, as timm's own extractor gives them (what this
+    # file compares against); tests/test_transformers.py has the pyramids.
+    options.setdefault('pyramid', None)
     return VBTimmBackbone(name, model_kwargs=copy.deepcopy(kwargs),
                           **options)
 
@@ -231,6 +234,7 @@ def test_vb_indices_skip_timm_stride2_level():
 
 def test_single_scale_vit_quarters():
     model = VBTimmBackbone('vit_tiny_patch16_224', frozen_stages=1,
+                           pyramid=None,
                            model_kwargs=dict(dynamic_img_size=True))
     assert model.plan.stage_levels == ((0, 1, 2), (3, 4, 5), (6, 7, 8),
                                        (9, 10, 11))

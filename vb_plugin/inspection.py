@@ -13,7 +13,7 @@ training mode as the Runner does, and reads every figure from them:
 * the neck's input channels against the backbone's outputs;
 * with a checkpoint, the strict loader's report (or its refusal).
 
-``tools/inspect.py`` prints :func:`format_summary` of it.
+``tools/inspect_config.py`` prints :func:`format_summary` of it.
 """
 import copy
 from dataclasses import dataclass, field

@@ -175,7 +175,7 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
         self.out_norm_cfg = copy.deepcopy(out_norm_cfg)
         # NOTE: stages past the last output are never built, so DDP finds no
         # unused parameters and no compute is wasted.
-        self.num_built_stages = max(self.out_indices) + 1
+        self.num_built_stages = self.stages_to_build()
 
         self.build_stem()
         for i in range(self.num_built_stages):
@@ -190,6 +190,12 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
                 for i in self.out_indices
             })
         self._freeze()
+
+    def stages_to_build(self) -> int:
+        """How many stages to build: up to the last output. A family whose
+        outputs come from a later stage (e.g. a pyramid built on the last
+        one) builds more."""
+        return max(self.out_indices) + 1
 
     # ------------------------------------------------------------------
     # What a family implements.

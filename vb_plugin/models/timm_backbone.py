@@ -25,12 +25,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
+from timm.layers import PatchEmbed
 from mmengine.registry import MODELS
 from timm.models._features import (FeatureDictNet, FeatureGetterNet,
                                    FeatureHookNet)
 from torch import nn
 
 from ..checks import check_int
+from ..layers.pyramid import (PYRAMID_STRIDES, crop_to_stride,
+                              pyramid_channels, pyramid_level,
+                              resample_to_stride16)
 from ..weights.rules import WeightSource
 from .base import OptConfigType, VBBackbone
 
@@ -40,6 +44,18 @@ RESERVED_KWARGS = ('pretrained', 'features_only', 'out_indices', 'in_chans',
                    'output_stride', 'scriptable', 'exportable')
 
 LEVEL_MODES = ('vb', 'timm')
+
+PYRAMIDS = ('auto', 'simple', 'multilevel', None)
+
+#: timm's own options for inputs of any size, tried in this order; the
+#: first set the model accepts is used (a model refuses unknown keywords).
+#: ViT, DeiT, BEiT, EVA: the position embedding is resampled at forward
+#: time, and the input padded to the patch size; Swin: windows are padded.
+ANY_SIZE_OPTIONS = (
+    dict(dynamic_img_size=True, dynamic_img_pad=True),
+    dict(dynamic_img_size=True),
+    dict(strict_img_size=False),
+)
 
 
 @dataclass(frozen=True)
@@ -228,8 +244,19 @@ class VBTimmBackbone(VBBackbone):
             Defaults to None (the model's own).
         drop_path_rate (float, optional): Stochastic depth rate, for models
             that have it. Defaults to None (timm's default).
+        pyramid (str, optional): How a single-scale model (every level at
+            one stride: ViT, DeiT, DINOv2, EVA-02, BEiT) gives strides
+            4..32. 'simple': ViTDet's simple feature pyramid from the last
+            map; 'multilevel': four evenly spaced blocks, each resampled
+            (BEiT, mmseg's ViT-UperNet); None: the raw levels at the
+            model's own stride. A map at another stride than 16 (patch 14)
+            is first resized to the stride-16 grid. 'auto' is 'simple' for
+            single-scale models and None for the others. Defaults to 'auto'.
         model_kwargs (dict, optional): Other ``timm.create_model`` keywords
-            (e.g. ``act_layer``, ``img_size``). Defaults to None.
+            (e.g. ``act_layer``, ``img_size``). timm's options for any
+            input size (``dynamic_img_size``, ``dynamic_img_pad``,
+            ``strict_img_size``) are set when the model takes them, unless
+            given here. Defaults to None.
         out_indices (Sequence[int], optional): Stages to output, see
             ``levels``. Defaults to None: every stage (0..3 for a standard
             CNN).
@@ -260,6 +287,7 @@ class VBTimmBackbone(VBBackbone):
                  output_stride: Optional[int] = None,
                  drop_path_rate: Optional[float] = None,
                  model_kwargs: Optional[dict] = None,
+                 pyramid: Optional[str] = 'auto',
                  out_indices: Optional[Sequence[int]] = None,
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
@@ -291,6 +319,13 @@ class VBTimmBackbone(VBBackbone):
         self.in_channels = int(in_channels)
         self.output_stride = output_stride
         self.create_kwargs = dict(model_kwargs, in_chans=self.in_channels)
+        self.create_kwargs.update(self._any_size_options(model_kwargs))
+        if not (pyramid is None or isinstance(pyramid, str)):
+            raise TypeError(f'pyramid must be one of {PYRAMIDS}, got '
+                            f'{pyramid!r} ({type(pyramid).__name__})')
+        if pyramid not in PYRAMIDS:
+            raise ValueError(f'pyramid={pyramid!r} is not valid; use one of '
+                             f'{PYRAMIDS}')
 
         # NOTE: the full-level structure is read from models on the meta
         # device: no memory, no initialisation, and stage_module_names can
@@ -326,6 +361,16 @@ class VBTimmBackbone(VBBackbone):
 
         levels_out = [self.timm_levels[self.plan.output_level(k)]
                       for k in range(len(self.plan.stage_levels))]
+        self.pyramid_kind = self._resolve_pyramid(pyramid, levels, levels_out)
+        stage_channels = [lv.channels for lv in levels_out]
+        stage_strides = [lv.reduction for lv in levels_out]
+        if self.pyramid_kind is not None:
+            self.native_stride = levels_out[-1].reduction
+            stage_channels = list(pyramid_channels(levels_out[-1].channels,
+                                                   self.pyramid_kind))
+            stage_strides = list(PYRAMID_STRIDES)
+            self.new_layer_patterns = self.new_layer_patterns + (
+                r'^pyramid\.', )
         if out_indices is None:
             out_indices = tuple(range(len(levels_out)))
         self.weight_sources = (WeightSource(
@@ -333,8 +378,8 @@ class VBTimmBackbone(VBBackbone):
             description='a VBTimmBackbone state dict (keys under body.)',
             detect=r'^body\.'), )
         super().__init__(
-            stage_channels=[lv.channels for lv in levels_out],
-            stage_strides=[lv.reduction for lv in levels_out],
+            stage_channels=stage_channels,
+            stage_strides=stage_strides,
             out_indices=out_indices,
             frozen_stages=frozen_stages,
             norm_eval=norm_eval,
@@ -358,6 +403,22 @@ class VBTimmBackbone(VBBackbone):
             # cannot be built on the meta device; build it for real.
             return self._create(**kwargs)
 
+    def _any_size_options(self, model_kwargs: dict) -> dict:
+        """The first set of :data:`ANY_SIZE_OPTIONS` the model takes
+        (none given in ``model_kwargs`` by the user)."""
+        for options in ANY_SIZE_OPTIONS:
+            if set(options) & set(model_kwargs):
+                continue
+            try:
+                with torch.device('meta'):
+                    self._create(**options)
+            except TypeError:
+                continue
+            except (NotImplementedError, RuntimeError):
+                pass   # it took the keywords; meta just cannot build it
+            return dict(options)
+        return {}
+
     def _read_levels(self) -> List[TimmLevel]:
         model = self._create_on_meta()
         if not hasattr(model, 'feature_info'):
@@ -365,7 +426,53 @@ class VBTimmBackbone(VBBackbone):
                 f'model_name={self.model_name!r} cannot produce feature maps: '
                 f'timm\'s {type(model).__name__} has no feature_info, so it '
                 'has no features_only extractor')
+        # NOTE: a patch embedding that does not pad (Swin) needs the input
+        # to be a multiple of its patch size: the input is padded (as
+        # mmdet's Swin pads in its patch embedding) and outputs cropped.
+        embed = getattr(model, 'patch_embed', None)
+        patch = getattr(embed, 'patch_size', None)
+        self.input_pad = 1
+        # NOTE: only timm's PatchEmbed (non-overlapping patches) needs it;
+        # overlapping conv embeddings (PVT v2) take any size.
+        if isinstance(embed, PatchEmbed) and not embed.dynamic_img_pad:
+            patch = tuple(patch) if isinstance(patch, (tuple, list)) else (
+                patch, patch)
+            self.input_pad = int(max(patch))
         return _timm_levels(model)
+
+    def _resolve_pyramid(self, pyramid: Optional[str], levels: str,
+                         levels_out: List[TimmLevel]) -> Optional[str]:
+        strides = [lv.reduction for lv in self.timm_levels]
+        single = len(set(strides)) == 1
+        if pyramid == 'auto':
+            pyramid = 'simple' if single and levels == 'vb' else None
+        if pyramid is None:
+            return None
+        if not single:
+            raise ValueError(
+                f'pyramid={pyramid!r} is for single-scale models (ViT-style, '
+                f'every level at one stride); {self.model_name!r} is already '
+                f'multi-scale (timm strides {strides}): use pyramid=None or '
+                "'auto'")
+        if levels != 'vb':
+            raise ValueError(f'pyramid={pyramid!r} needs levels=\'vb\' (its '
+                             'outputs are strides 4..32), got '
+                             f'levels={levels!r}')
+        if len(levels_out) != 4:
+            # NOTE: frozen_stages counts four stages (quarters of the
+            # blocks), one per pyramid level.
+            raise ValueError(
+                f'pyramid={pyramid!r} needs at least 4 blocks (four stages, '
+                f'one per pyramid level); {self.model_name!r} has '
+                f'{len(levels_out)} feature levels: use pyramid=None')
+        return pyramid
+
+    def stages_to_build(self) -> int:
+        # NOTE: the simple pyramid is built on the last block's map, so
+        # every block is built whatever out_indices asks for.
+        if self.pyramid_kind == 'simple':
+            return self.num_stages
+        return super().stages_to_build()
 
     def _create_features(self, timm_indices: Tuple[int, ...]) -> nn.Module:
         try:
@@ -399,8 +506,18 @@ class VBTimmBackbone(VBBackbone):
     def build_stem(self) -> None:
         # NOTE: timm's extractor is built whole, here, pruned by timm after
         # the last requested level; build_stage has nothing left to do.
-        indices = tuple(self.plan.output_level(i) for i in self.out_indices)
+        if self.pyramid_kind == 'simple':
+            indices = (self.plan.output_level(self.num_stages - 1), )
+        else:
+            indices = tuple(self.plan.output_level(i)
+                            for i in self.out_indices)
         self.body = self._create_features(indices)
+        if self.pyramid_kind is not None:
+            width = self.timm_levels[indices[-1]].channels
+            self.pyramid = nn.ModuleDict({
+                str(i): pyramid_level(i, width, self.pyramid_kind)
+                for i in self.out_indices
+            })
         # NOTE: timm initialised the extractor when it built it. mmengine's
         # BaseModule.init_weights calls the init_weights of any child that
         # has one and is not marked is_init (timm's HRNet features have
@@ -409,7 +526,11 @@ class VBTimmBackbone(VBBackbone):
         self._prune_unused()
         if self.with_cp:
             try:
-                self.body.set_grad_checkpointing(True)
+                # NOTE: FeatureGetterNet (ViT-style models) runs the model
+                # itself: checkpointing is the model's own switch.
+                target = (self.body.model if isinstance(
+                    self.body, FeatureGetterNet) else self.body)
+                target.set_grad_checkpointing(True)
             except (AssertionError, AttributeError,
                     NotImplementedError) as err:
                 raise ValueError(
@@ -442,6 +563,8 @@ class VBTimmBackbone(VBBackbone):
 
     def frozen_module_names(self) -> Tuple[str, ...]:
         names = dict(self.named_modules())
+        # NOTE: the pyramid is not a stage: like the output norms, it is
+        # never frozen by frozen_stages (the contract's meaning).
         return tuple(n for n in super().frozen_module_names() if n in names)
 
     def stem_parameter_names(self) -> Tuple[str, ...]:
@@ -462,12 +585,23 @@ class VBTimmBackbone(VBBackbone):
         chain of modules: HRNet branches, ViT tokens).
         """
         self.check_input(x)
+        size = tuple(x.shape[-2:])
+        pad = self.input_pad
+        if pad > 1 and (size[0] % pad or size[1] % pad):
+            x = torch.nn.functional.pad(
+                x, (0, -size[1] % pad, 0, -size[0] % pad))
         feats = self.body(x)
         if isinstance(feats, dict):
             feats = list(feats.values())
+        if self.pyramid_kind == 'simple':
+            feats = [feats[-1]] * len(self.out_indices)
         outs = []
         for i, feat in zip(self.out_indices, feats):
             out = self.stage_output(i, feat)
+            if self.pyramid_kind is not None:
+                out = self.pyramid[str(i)](resample_to_stride16(
+                    out, size, self.native_stride))
+            out = crop_to_stride(out, size, self.stage_strides[i])
             if self.out_norm_cfg is not None:
                 out = self.out_norms[str(i)](out)
             outs.append(out)

@@ -1,20 +1,15 @@
 """Show what a config builds: stages, freezing, BN modes, learning rates.
 
-    python tools/inspect.py CONFIG [--checkpoint FILE] [--cfg-options k=v ...]
+    python tools/inspect_config.py CONFIG [--checkpoint FILE]
+        [--cfg-options k=v ...]
+
+(Not ``tools/inspect.py``: a script's folder comes first on ``sys.path``, so
+a file of that name would shadow the standard library's ``inspect`` for
+every other tool in ``tools/``.)
 """
-import os
-import sys
+import argparse
 
-# NOTE: this file is named like the standard library's `inspect`, which
-# torch imports; run as a script, its folder comes first on sys.path and
-# would shadow it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(
-        os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-
-from mmengine.config import DictAction  # noqa: E402
+from mmengine.config import DictAction
 
 
 def parse_args(argv=None):
