@@ -226,3 +226,42 @@ def test_mask_rcnn_trains_and_predicts_at_a_detection_size(key):
     losses, preds, _ = checked_train_step(model, batch,
                                           frozen_prefixes=('body.',))
     assert len(preds) == 2 and preds[0].pred_instances.bboxes.shape[1] == 4
+
+
+def test_layer_decay_by_block_from_the_real_optimizer():
+    """ViTDet's layer-wise decay (0.7) through VBLayerDecayOptimizerConstructor:
+    embeddings are layer 0, block i is layer i + 1, the pyramid, neck and
+    heads layer num_layers + 1 (num_layers = the 4 blocks, read from the
+    backbone); each parameter's lr is lr * 0.7 ** (num_layers + 1 - id)."""
+    from mmengine.optim import build_optim_wrapper
+    from vb_plugin.apis import build_detector, load_config
+    cfg = load_config('configs/mask_rcnn/mask-rcnn_vb-vit-tiny_fpn_toy.py')
+    model = build_detector(cfg, pretrained=False)
+    optim = build_optim_wrapper(model, cfg.optim_wrapper).optimizer
+    lr = cfg.optim_wrapper.optimizer.lr
+    wd = cfg.optim_wrapper.optimizer.weight_decay
+    assert model.backbone.lr_decay_num_layers == 4
+
+    def vitdet_layer_id(name):
+        if name.startswith('backbone.body.model.blocks.'):
+            return int(name.split('.')[4]) + 1
+        if name.startswith(('backbone.body.model.patch_embed.',
+                            'backbone.body.model.pos_embed',
+                            'backbone.body.model.cls_token')):
+            return 0
+        return 5
+
+    seen = {}
+    for group in optim.param_groups:
+        for p in group['params']:
+            seen[id(p)] = group
+    ids = set()
+    for name, p in model.named_parameters():
+        group = seen[id(p)]
+        layer = vitdet_layer_id(name)
+        ids.add(layer)
+        assert group['lr'] == pytest.approx(lr * 0.7**(5 - layer),
+                                            rel=1e-12), name
+        no_decay = p.ndim == 1 or name.endswith(('pos_embed', 'cls_token'))
+        assert group['weight_decay'] == (0.0 if no_decay else wd), name
+    assert ids == {0, 1, 2, 3, 4, 5}

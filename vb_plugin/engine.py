@@ -6,6 +6,7 @@ RPN/RoI training examples than the uninterrupted run would have, and its
 weights drift apart. :class:`RNGStateHook` closes that gap.
 """
 import random
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS, OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
+
+#: Parameters kept out of weight decay besides norms and biases.
+NO_DECAY_TOKENS = ('pos_embed', 'cls_token', 'reg_token', 'mask_token')
 
 
 @HOOKS.register_module()
@@ -94,6 +98,14 @@ class VBLayerDecayOptimizerConstructor(LearningRateDecayOptimizerConstructor):
     """mmdet's layer-wise learning-rate decay, with ``num_layers`` read from
     the backbone (``lr_decay_num_layers``) when the config leaves it out.
 
+    ConvNeXt backbones go through mmdet's own rule. Any other backbone with
+    a ``lr_decay_layer_id(name)`` method (e.g. a ViT in
+    :class:`vb_plugin.VBTimmBackbone`: embeddings 0, block ``i`` is
+    ``i + 1``, the pyramid and everything after the backbone
+    ``num_layers + 1``) gets the same groups from its own ids: a parameter
+    of layer ``id`` has ``lr = lr * decay_rate ** (num_layers + 1 - id)``;
+    norms, biases and position/class tokens get no weight decay.
+
     Example:
         >>> optim_wrapper = dict(
         ...     constructor='VBLayerDecayOptimizerConstructor',
@@ -113,3 +125,35 @@ class VBLayerDecayOptimizerConstructor(LearningRateDecayOptimizerConstructor):
                     'lr_decay_num_layers; set num_layers')
             self.paramwise_cfg['num_layers'] = num
         return super().__call__(model)
+
+    def add_params(self, params: List[dict], module: nn.Module,
+                   **kwargs) -> None:
+        backbone = getattr(module, 'backbone', None)
+        if 'ConvNeXt' in type(backbone).__name__ or not hasattr(
+                backbone, 'lr_decay_layer_id'):
+            return super().add_params(params, module, **kwargs)
+        if self.paramwise_cfg.get('decay_type', 'layer_wise') != 'layer_wise':
+            raise ValueError(
+                "paramwise_cfg.decay_type="
+                f"{self.paramwise_cfg.get('decay_type')!r} is not supported "
+                f'for {type(backbone).__name__}; use \'layer_wise\'')
+        num_layers = self.paramwise_cfg['num_layers']
+        decay_rate = self.paramwise_cfg['decay_rate']
+        groups: Dict[str, dict] = {}
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            no_decay = (param.ndim == 1 or name.endswith('.bias')
+                        or name.rpartition('.')[2] in NO_DECAY_TOKENS)
+            layer_id = (backbone.lr_decay_layer_id(name[len('backbone.'):])
+                        if name.startswith('backbone.') else num_layers + 1)
+            key = f'layer_{layer_id}_{"no_decay" if no_decay else "decay"}'
+            if key not in groups:
+                scale = decay_rate**(num_layers + 1 - layer_id)
+                groups[key] = dict(
+                    weight_decay=0. if no_decay else self.base_wd,
+                    params=[], param_names=[], lr_scale=scale,
+                    group_name=key, lr=scale * self.base_lr)
+            groups[key]['params'].append(param)
+            groups[key]['param_names'].append(name)
+        params.extend(groups.values())

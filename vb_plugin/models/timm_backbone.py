@@ -608,6 +608,49 @@ class VBTimmBackbone(VBBackbone):
         return tuple(outs)
 
     # ------------------------------------------------------------------
+    # Layer-wise learning-rate decay (ViT-style models).
+    def _blocks(self) -> nn.Module:
+        model = getattr(self.body, 'model', None)
+        blocks = getattr(model, 'blocks', None)
+        if not isinstance(self.body, FeatureGetterNet) or blocks is None:
+            raise AttributeError(
+                f'layer-wise lr decay by block is for single-scale models '
+                f'(ViT-style); {self.model_name!r} has no blocks list')
+        return blocks
+
+    @property
+    def lr_decay_num_layers(self) -> int:
+        """``paramwise_cfg['num_layers']`` of layer-wise decay for a
+        ViT-style model: its number of (built) blocks.
+
+        Example:
+            >>> VBTimmBackbone('vit_tiny_patch16_224').lr_decay_num_layers
+            12
+        """
+        return len(self._blocks())
+
+    def lr_decay_layer_id(self, name: str) -> int:
+        """Layer id of parameter ``name`` (relative to the backbone), as
+        ViTDet and BEiT count: the patch and position embeddings and the
+        class token are 0, block ``i`` is ``i + 1``, everything else (the
+        pyramid, output norms, and after the backbone) ``num_layers + 1``.
+
+        Example:
+            >>> m = VBTimmBackbone('vit_tiny_patch16_224')
+            >>> [m.lr_decay_layer_id(n) for n in ('body.model.pos_embed',
+            ...     'body.model.blocks.3.mlp.fc1.weight', 'pyramid.0.0.weight')]
+            [0, 4, 13]
+        """
+        num = self.lr_decay_num_layers
+        if name.startswith('body.model.blocks.'):
+            return int(name.split('.')[3]) + 1
+        stem = tuple(f'{n}.' for n in self.stem_module_names()) + tuple(
+            self.stem_parameter_names())
+        if name.startswith(stem) or name in stem:
+            return 0
+        return num + 1
+
+    # ------------------------------------------------------------------
     # Weights.
     def load_pretrained_init_cfg(self, cfg: dict) -> None:
         """Load ``init_cfg`` 'Pretrained' strictly.
