@@ -24,6 +24,15 @@ from torch import nn
 PYRAMID_STRIDES = (4, 8, 16, 32)
 
 
+def _ceil_div(size, stride):
+    # NOTE: integer arithmetic, not math.ceil: under ONNX tracing a size is
+    # a traced value, and math.ceil would freeze it into a constant (and
+    # ONNX's integer division truncates: keep the operands positive).
+    if isinstance(stride, int) or float(stride).is_integer():
+        return (size + int(stride) - 1) // int(stride)
+    return math.ceil(size / stride)
+
+
 def resample_to_stride16(x: torch.Tensor, image_size: Sequence[int],
                          stride: float) -> torch.Tensor:
     """Resize a map at ``stride`` to the stride-16 grid of ``image_size``.
@@ -33,8 +42,8 @@ def resample_to_stride16(x: torch.Tensor, image_size: Sequence[int],
         ...                      14).shape
         torch.Size([1, 8, 21, 33])
     """
-    grid = (math.ceil(image_size[0] / 16), math.ceil(image_size[1] / 16))
-    if tuple(x.shape[-2:]) == grid:
+    grid = (_ceil_div(image_size[0], 16), _ceil_div(image_size[1], 16))
+    if tuple(x.shape[-2:]) == grid and not torch.jit.is_tracing():
         return x
     if stride == 16:
         # NOTE: a stride-16 map of a padded input: crop, do not resample.
@@ -98,5 +107,5 @@ def crop_to_stride(x: torch.Tensor, image_size: Sequence[int],
         >>> crop_to_stride(torch.rand(1, 4, 12, 12), (33, 47), 4).shape
         torch.Size([1, 4, 9, 12])
     """
-    return x[..., :math.ceil(image_size[0] / stride),
-             :math.ceil(image_size[1] / stride)]
+    return x[..., :_ceil_div(image_size[0], stride),
+             :_ceil_div(image_size[1], stride)]

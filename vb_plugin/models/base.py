@@ -441,6 +441,11 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
         layout ``source`` that does not fit (e.g. the arch that would)."""
         return ''
 
+    def prepare_export(self) -> None:
+        """Family hook: make the forward traceable for ONNX export, in place
+        and without changing its outputs (called by
+        :func:`vb_plugin.deploy.export_onnx` on an eval-mode copy)."""
+
     def init_default_weights(self) -> None:
         """Family hook run after the default init (e.g. zero-init residuals).
 

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import timm
 import torch
 from timm.layers import PatchEmbed
+from timm.models import model_entrypoint, split_model_name_tag
 from mmengine.registry import MODELS
 from timm.models._features import (FeatureDictNet, FeatureGetterNet,
                                    FeatureHookNet)
@@ -46,6 +47,20 @@ RESERVED_KWARGS = ('pretrained', 'features_only', 'out_indices', 'in_chans',
 LEVEL_MODES = ('vb', 'timm')
 
 PYRAMIDS = ('auto', 'simple', 'multilevel', None)
+
+#: What the input's height and width must be multiples of, by timm model
+#: module, where it is not 1 (measured: these fail with a bare RuntimeError
+#: at 225x301 or 272x336 and run at multiples of the divisor). HRNet's and
+#: DLA's branches are fused by adding maps whose sizes must agree.
+SIZE_DIVISORS = {
+    'hrnet': 32,
+    'dla': 32,
+    'hieradet_sam2': 32,
+    'csatv2': 16,
+    'naflexvit': 16,
+    'vision_transformer_hybrid': 16,
+    'vitamin': 16,
+}
 
 #: timm's own options for inputs of any size, tried in this order; the
 #: first set the model accepts is used (a model refuses unknown keywords).
@@ -215,6 +230,17 @@ def _level_groups(features: nn.Module,
     return groups
 
 
+_SIZE_ERROR_HINTS = ('match', 'shape', 'size', 'Input height',
+                     'Input image', 'divisible', 'invalid for input')
+
+
+def _is_size_error(err: Exception) -> bool:
+    """Whether timm's error is about the input's spatial size."""
+    text = str(err)
+    return isinstance(err, AssertionError) or any(h in text
+                                                  for h in _SIZE_ERROR_HINTS)
+
+
 def _timm_levels(model: nn.Module) -> List[TimmLevel]:
     info = model.feature_info
     rows = info.get_dicts() if hasattr(info, 'get_dicts') else list(info)
@@ -318,6 +344,9 @@ class VBTimmBackbone(VBBackbone):
         self.levels = levels
         self.in_channels = int(in_channels)
         self.output_stride = output_stride
+        self.timm_module = model_entrypoint(
+            split_model_name_tag(model_name)[0]).__module__.rpartition('.')[2]
+        self.size_divisor = SIZE_DIVISORS.get(self.timm_module, 1)
         self.create_kwargs = dict(model_kwargs, in_chans=self.in_channels)
         self.create_kwargs.update(self._any_size_options(model_kwargs))
         if not (pyramid is None or isinstance(pyramid, str)):
@@ -438,6 +467,11 @@ class VBTimmBackbone(VBBackbone):
             patch = tuple(patch) if isinstance(patch, (tuple, list)) else (
                 patch, patch)
             self.input_pad = int(max(patch))
+        cfg = getattr(model, 'pretrained_cfg', None) or {}
+        size = self.create_kwargs.get('img_size') or cfg.get(
+            'input_size', (3, 224, 224))[-2:]
+        self.pretrained_input_size = tuple(size) if isinstance(
+            size, (tuple, list)) else (size, size)
         return _timm_levels(model)
 
     def _resolve_pyramid(self, pyramid: Optional[str], levels: str,
@@ -578,6 +612,23 @@ class VBTimmBackbone(VBBackbone):
     def stage_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 3, 1, 2).contiguous() if self._nhwc else x
 
+    def prepare_export(self) -> None:
+        """Pad the input here rather than in timm's patch embedding.
+
+        timm's ``dynamic_img_pad`` computes the token grid with
+        ``math.ceil``, which the ONNX tracer records as a constant (the
+        export would then only run at the example's size). Padding the
+        input with the same zeros at the bottom and right before the patch
+        embedding gives the same outputs, with the grid traced.
+        """
+        for module in self.modules():
+            if isinstance(module, PatchEmbed) and module.dynamic_img_pad:
+                module.dynamic_img_pad = False
+                patch = module.patch_size
+                patch = patch if isinstance(patch, (tuple, list)) else (
+                    patch, )
+                self.input_pad = max(self.input_pad, *map(int, patch))
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Return the feature maps of ``out_indices`` (NCHW), in order.
 
@@ -586,11 +637,35 @@ class VBTimmBackbone(VBBackbone):
         """
         self.check_input(x)
         size = tuple(x.shape[-2:])
+        div = self.size_divisor
+        if div > 1 and (size[0] % div or size[1] % div):
+            raise ValueError(
+                f'{self.model_name!r} needs inputs whose height and width are '
+                f'multiples of {div} (size_divisor={div}), got {size[0]}x'
+                f'{size[1]}: pad them (mmdet: data_preprocessor.'
+                f'pad_size_divisor={div} or a multiple)')
         pad = self.input_pad
-        if pad > 1 and (size[0] % pad or size[1] % pad):
+        # NOTE: traced for ONNX, the pad is always recorded (its amounts
+        # are shape ops, zero at multiples of the patch).
+        if pad > 1 and (torch.jit.is_tracing() or size[0] % pad
+                        or size[1] % pad):
             x = torch.nn.functional.pad(
                 x, (0, -size[1] % pad, 0, -size[0] % pad))
-        feats = self.body(x)
+        try:
+            feats = self.body(x)
+        except (AssertionError, RuntimeError) as err:
+            native = tuple(self.pretrained_input_size)
+            if tuple(x.shape[-2:]) == native or not _is_size_error(err):
+                raise
+            # NOTE: timm asserts (or fails on a reshape) deep inside models
+            # that take one input size only (fixed position or attention
+            # biases): say so, with the size they take.
+            raise ValueError(
+                f'{self.model_name!r} cannot take a {size[0]}x{size[1]} input '
+                f'(timm: {type(err).__name__}: {err}); it was built for '
+                f'{native[0]}x{native[1]} inputs and timm offers it no '
+                'option for other sizes: use that size, or another model') \
+                from err
         if isinstance(feats, dict):
             feats = list(feats.values())
         if self.pyramid_kind == 'simple':
