@@ -539,3 +539,38 @@ def test_mask_rcnn_config_builds_and_trains_one_step():
         frozen_prefixes=('body.conv1.', 'body.bn1.', 'body.layer1.'))
     assert backbone.body.layer2[0].bn1.num_batches_tracked.item() == 0
     assert len(preds) == 1
+
+
+def test_a_model_with_a_size_divisor_names_it_at_forward():
+    """HRNet fuses branches by adding maps whose sizes must agree: timm
+    fails at 225x301 with a bare RuntimeError; the backbone states its
+    divisor and refuses that size with a ValueError before timm runs."""
+    model = VBTimmBackbone('hrnet_w18_small').eval()
+    assert (model.timm_module, model.size_divisor) == ('hrnet', 32)
+    with pytest.raises(ValueError) as err:
+        model(torch.rand(1, 3, 225, 301))
+    assert str(err.value) == (
+        "'hrnet_w18_small' needs inputs whose height and width are multiples "
+        'of 32 (size_divisor=32), got 225x301: pad them (mmdet: '
+        'data_preprocessor.pad_size_divisor=32 or a multiple)')
+    outs = model(torch.rand(1, 3, 256, 320))
+    assert [o.shape[-2:] for o in outs] == [(256 // s, 320 // s)
+                                            for s in model.out_strides]
+
+
+def test_a_model_of_one_input_size_is_a_value_error_naming_it():
+    """LeViT's attention biases are fixed to its 14x14 grid and timm offers
+    no option for other sizes: timm's RuntimeError becomes a ValueError
+    naming the size it takes."""
+    model = VBTimmBackbone('levit_128s').eval()
+    assert model.pretrained_input_size == (224, 224)
+    with pytest.raises(ValueError, match=(
+            r"^'levit_128s' cannot take a 256x320 input \(timm: "
+            r'RuntimeError: .*\); it was built for 224x224 inputs and timm '
+            r'offers it no option for other sizes: use that size, or '
+            r'another model$')):
+        model(torch.rand(1, 3, 256, 320))
+    outs = model(torch.rand(1, 3, 224, 224))
+    assert [tuple(o.shape[1:]) for o in outs] == [
+        (c, -(-224 // s), -(-224 // s))
+        for c, s in zip(model.out_channels, model.out_strides)]
