@@ -15,11 +15,11 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): setup.py requirements/build.txt requirements/mmcv.txt requirements/runtime.txt requirements/tests.txt
+$(STAMP): setup.py requirements/build.txt requirements/mmcv.txt requirements/runtime.txt requirements/tests.txt requirements/deploy.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -r requirements/build.txt
 	MMCV_WITH_OPS=1 FORCE_CUDA=$(FORCE_CUDA) MAX_JOBS=2 $(PIP) install --no-build-isolation $(MMCV_PIP_FLAGS) -r requirements/mmcv.txt
-	$(PIP) install -r requirements/runtime.txt -r requirements/tests.txt
+	$(PIP) install -r requirements/runtime.txt -r requirements/tests.txt -r requirements/deploy.txt
 	$(PIP) install --no-build-isolation --no-deps -e .
 	$(PY) -c "import torch, torchvision.ops, mmcv.ops, mmdet.models, timm, vb_plugin; print('environment ok: torch', torch.__version__)"
 	touch $(STAMP)

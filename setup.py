@@ -36,6 +36,14 @@ setup(
         'safetensors>=0.4',
         'numpy',
     ],
-    extras_require={'tests': ['pytest>=8', 'transformers>=4.40']},
+    extras_require={
+        'tests': ['pytest>=8', 'transformers>=4.40'],
+        # Inference engines: export_onnx, optimize_for_inference(backend=...).
+        'deploy': [
+            'onnx>=1.17,<1.24',
+            'onnxruntime>=1.20,<1.33',
+            'openvino>=2025.0,<2026.5',
+        ],
+    },
     license='Apache-2.0',
 )

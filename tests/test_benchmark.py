@@ -248,3 +248,26 @@ def test_percent_of_peak_is_of_the_rows_own_dtype():
                            bm.Settings(**TINY, complexity=False),
                            progress=False, log=lambda s: None)
     assert out['meta']['peak_bf16'] is None
+
+
+ENGINE_FORMS = ['onnxruntime', 'onnxruntime-int8', 'openvino',
+                'openvino-bf16', 'openvino-int8']
+
+
+def test_cli_engine_forms(tmp_path, capsys):
+    """The engine forms parse and run on a tiny model; each row is checked
+    against fp32 eager within its engine tolerance (no note)."""
+    tool = _load_tool()
+    out = tool.main(['--arch', 'resnet18', '--no-peers', '--size', '64', '64',
+                     '--warmup', '0', '--iters', '2', '--threads', '1',
+                     '--forms', *ENGINE_FORMS, '--no-progress',
+                     '--out-dir', str(tmp_path)])
+    rows = out['rows']
+    assert [r.kind for r in rows] == ['vb', *ENGINE_FORMS]
+    assert [(r.memory_format, r.dtype) for r in rows[1:]] == [
+        ('onnxruntime', 'fp32'), ('onnxruntime', 'int8'),
+        ('openvino', 'fp32'), ('openvino', 'bf16'), ('openvino', 'int8')]
+    assert all(r.note == '' for r in rows), [r.note for r in rows]
+    assert all(r.median_ms > 0 for r in rows)
+    assert rows[1].max_abs_diff <= 1e-4 and rows[3].max_abs_diff <= 1e-4
+    assert '| VBResNet openvino-int8' in capsys.readouterr().out

@@ -7,6 +7,7 @@ config) registers the backbones in mmengine's root ``MODELS`` registry, so
 from . import engine  # noqa: F401  (registers RNGStateHook)
 from .models import (VBBackbone, VBConvNeXt, VBRegNet, VBResNet,
                      VBTimmBackbone)
+from .deploy import export_onnx
 from .inference import optimize_for_inference
 from .version import __version__
 from .wiring import install_build_hook, wire_model
@@ -18,6 +19,6 @@ install_build_hook()
 
 __all__ = [
     'VBBackbone', 'VBConvNeXt', 'VBRegNet', 'VBResNet', 'CheckpointError',
-    'LoadReport', 'optimize_for_inference',
+    'LoadReport', 'export_onnx', 'optimize_for_inference',
     'VBTimmBackbone', 'load_pretrained', 'wire_model', '__version__'
 ]

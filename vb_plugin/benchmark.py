@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .deploy.engines import engine_tolerance
 from .inference import (max_abs_difference, optimize_for_inference,
                         tolerance_for)
 
@@ -43,6 +44,13 @@ FORMS = {
     'compiled': dict(compile=True),
     'bf16': dict(dtype='bf16'),
     'compiled-bf16': dict(compile=True, dtype='bf16'),
+    # Inference engines (vb_plugin.deploy; the `deploy` extra). int8 rows
+    # are calibrated on random inputs: a speed figure, not an accuracy one.
+    'onnxruntime': dict(backend='onnxruntime'),
+    'onnxruntime-int8': dict(backend='onnxruntime', dtype='int8'),
+    'openvino': dict(backend='openvino'),
+    'openvino-bf16': dict(backend='openvino', dtype='bf16'),
+    'openvino-int8': dict(backend='openvino', dtype='int8'),
 }
 
 #: CSV columns, in order (the JSON rows have the same keys).
@@ -617,8 +625,13 @@ def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
         # eager backbone (a copy: the cached row keeps its dtype).
         target = copy.deepcopy(target).float()
         example = x[:1].float()
-        fast = optimize_for_inference(target, example_input=example,
-                                      **row.form)
+        form = dict(row.form)
+        if form.get('dtype') == 'int8':
+            gen = torch.Generator().manual_seed(0)
+            form['calibration'] = [torch.randn(example.shape, generator=gen)
+                                   for _ in range(8)]
+        fast = optimize_for_inference(target, example_input=example, **form)
+        engine = 'backend' in form
         if settings.mode == 'neck':
             model = _WithNeck(fast, (), neck=ref.neck)
         elif settings.mode == 'detector':
@@ -630,11 +643,17 @@ def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
         with torch.inference_mode():
             expected = target(example)
             diff = max_abs_difference(expected, fast(example))
-            tol = tolerance_for(fast.dtype, expected)
+            tol = engine_tolerance(fast.dtype, expected) if engine else \
+                tolerance_for(fast.dtype, expected)
         if not diff <= tol:
             note = f'max_abs_diff above tolerance {tol:.3g}'
-        mem_format = 'channels_last' if fast.channels_last else 'contiguous'
-        row_dtype = 'bf16' if fast.dtype == torch.bfloat16 else 'fp32'
+        if engine:
+            mem_format = fast.backend
+            row_dtype = fast.dtype
+        else:
+            mem_format = 'channels_last' if fast.channels_last else \
+                'contiguous'
+            row_dtype = 'bf16' if fast.dtype == torch.bfloat16 else 'fp32'
         run_x = x
 
     if train:

@@ -321,7 +321,9 @@ def optimize_for_inference(backbone: nn.Module,
                            compile: bool = False,
                            dtype: Union[str, torch.dtype] = torch.float32,
                            example_input: Optional[torch.Tensor] = None,
-                           check: bool = True) -> InferenceModel:
+                           check: bool = True,
+                           backend: str = 'torch',
+                           calibration=None) -> nn.Module:
     """An equivalent, faster module for inference with ``backbone``.
 
     ``backbone`` itself is not changed: a deep copy is put in eval mode,
@@ -351,9 +353,20 @@ def optimize_for_inference(backbone: nn.Module,
             conv feeds which norm and for the check. Defaults to a
             1 x in_channels x 64 x 64 random tensor.
         check (bool): Compare with the fp32 eager model. Defaults to True.
+        backend (str): 'torch' (the steps above), or an inference engine:
+            'onnxruntime' or 'openvino' (see
+            :func:`vb_plugin.deploy.engine_model`; ``dtype`` then also takes
+            'int8', which needs ``calibration``; ``fold_bn``,
+            ``channels_last``, ``conv_mlp`` and ``compile`` do not apply:
+            the export folds BN and the engine picks its layouts).
+            Defaults to 'torch'.
+        calibration (Iterable[torch.Tensor], optional): Input batches for
+            int8 (engines only). Defaults to None.
 
     Returns:
-        InferenceModel: The optimised module, in eval mode.
+        nn.Module: The optimised module in eval mode: an
+        :class:`InferenceModel` for 'torch', a
+        :class:`vb_plugin.deploy.EngineModel` for an engine.
 
     Raises:
         TypeError: If ``backbone`` is not an ``nn.Module``.
@@ -373,6 +386,20 @@ def optimize_for_inference(backbone: nn.Module,
     if not isinstance(backbone, nn.Module):
         raise TypeError(f'backbone must be an nn.Module, got '
                         f'{type(backbone).__name__}')
+    if backend != 'torch':
+        from .deploy import BACKENDS, engine_model
+        if backend not in BACKENDS:
+            raise ValueError(f'backend={backend!r} is not valid; use '
+                             f"'torch' or one of {list(BACKENDS)}")
+        names = {torch.float32: 'fp32', torch.bfloat16: 'bf16'}
+        return engine_model(backbone, backend=backend,
+                            dtype=names.get(dtype, dtype),
+                            example_input=example_input,
+                            calibration=calibration, check=check)
+    if calibration is not None:
+        raise ValueError("calibration is for int8 on an engine backend "
+                         "(backend='onnxruntime' or 'openvino'); "
+                         "backend='torch' does not quantize")
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r} is not valid; use 'fp32' or "
