@@ -27,9 +27,10 @@ def calibration_inputs(cfg: Config,
         data_preprocessor (nn.Module, optional): Defaults to one built from
             ``cfg.model.data_preprocessor``.
 
-    Example:
-        >>> from vb_plugin.apis import load_config  # doctest: +SKIP
-        >>> batches = calibration_inputs(load_config(path), 100)  # +SKIP
+    Example (run in docs/deploy.md, which writes the toy set first):
+        >>> cfg = Config.fromfile('configs/mask_rcnn/'
+        ...                       'mask-rcnn_vb-r18_fpn_toy.py')
+        >>> batches = list(calibration_inputs(cfg, 8))  # doctest: +SKIP
     """
     if split not in ('train', 'val', 'test'):
         raise ValueError(f"split={split!r} is not valid; use 'train', "

@@ -13,6 +13,7 @@ Every engine model is compared with the fp32 eager model at construction,
 within :func:`engine_tolerance`.
 """
 import dataclasses
+import functools
 import tempfile
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Union
@@ -113,28 +114,52 @@ def check_openvino_ops(onnx_model: bytes, name: str = 'the model') -> None:
             "backend='onnxruntime'")
 
 
-def _ov_compile(onnx_model: bytes, dtype: str, threads: int) -> _Compiled:
+@functools.lru_cache(maxsize=None)
+def openvino_core():
+    """The process's one OpenVINO ``Core``.
+
+    One Core for every engine model: creating Cores over and over in one
+    process (one per compiled model) ends in a segmentation fault (seen
+    here in the test suite, and reported by other OpenVINO users), and a
+    compiled model must not outlive the Core whose plugin made it.
+    """
     import openvino as ov
-    core = ov.Core()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / 'model.onnx'
-        path.write_bytes(onnx_model)
-        model = core.read_model(str(path))
-    config = {
-        'INFERENCE_PRECISION_HINT': 'bf16' if dtype == 'bf16' else 'f32',
-        'INFERENCE_NUM_THREADS': int(threads),
-        'PERFORMANCE_HINT': 'LATENCY',
-        'NUM_STREAMS': 1,
-    }
-    compiled = core.compile_model(model, 'CPU', config)
-    request = compiled.create_infer_request()
+    return ov.Core()
 
-    def run(array):
-        request.infer({0: array})
-        return [request.get_output_tensor(i).data.copy()
-                for i in range(len(compiled.outputs))]
 
-    return _Compiled('openvino', run)
+class _OpenVINORun:
+    """An OpenVINO compiled model and its infer request."""
+
+    def __init__(self, onnx_model: bytes, dtype: str, threads: int) -> None:
+        core = openvino_core()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / 'model.onnx'
+            path.write_bytes(onnx_model)
+            model = core.read_model(str(path))
+        config = {
+            'INFERENCE_PRECISION_HINT': 'bf16' if dtype == 'bf16' else 'f32',
+            'INFERENCE_NUM_THREADS': int(threads),
+            'PERFORMANCE_HINT': 'LATENCY',
+            'NUM_STREAMS': 1,
+        }
+        self.compiled = core.compile_model(model, 'CPU', config)
+        del model
+        self.request = self.compiled.create_infer_request()
+        self.num_outputs = len(self.compiled.outputs)
+
+    def __call__(self, array):
+        self.request.infer({0: array})
+        return [self.request.get_output_tensor(i).data.copy()
+                for i in range(self.num_outputs)]
+
+    def __del__(self):
+        # NOTE: the request before the model it was made from.
+        for name in ('request', 'compiled'):
+            self.__dict__.pop(name, None)
+
+
+def _ov_compile(onnx_model: bytes, dtype: str, threads: int) -> _Compiled:
+    return _Compiled('openvino', _OpenVINORun(onnx_model, dtype, threads))
 
 
 def _ort_compile(onnx_model: bytes, threads: int) -> _Compiled:
