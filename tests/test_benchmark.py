@@ -271,3 +271,48 @@ def test_cli_engine_forms(tmp_path, capsys):
     assert all(r.median_ms > 0 for r in rows)
     assert rows[1].max_abs_diff <= 1e-4 and rows[3].max_abs_diff <= 1e-4
     assert '| VBResNet openvino-int8' in capsys.readouterr().out
+
+
+def test_any_timm_model_and_any_backbone_config(tmp_path):
+    """--arch timm:NAME times VBTimmBackbone next to timm's own
+    features_only model; --backbone-cfg takes a dict expression or a config
+    file's model.backbone."""
+    tool = _load_tool()
+    config = ROOT / 'configs/mask_rcnn/mask-rcnn_vb-r18_fpn_toy.py'
+    out = tool.main(['--arch', 'timm:resnet10t', '--backbone-cfg',
+                     "dict(type='VBConvNeXt', arch='atto')", '--backbone-cfg',
+                     str(config), '--size', '64', '64', '--warmup', '0',
+                     '--iters', '1', '--threads', '1', '--forms',
+                     'optimized', '--no-complexity', '--no-progress',
+                     '--out-dir', str(tmp_path)])
+    assert [(r.arch, r.name, r.kind) for r in out['rows']] == [
+        ('timm:resnet10t', 'VBTimmBackbone resnet10t', 'vb'),
+        ('timm:resnet10t', 'timm resnet10t', 'peer'),
+        ('timm:resnet10t', 'VBTimmBackbone resnet10t optimized',
+         'optimized'),
+        ('VBConvNeXt', 'VBConvNeXt', 'vb'),
+        ('VBConvNeXt', 'VBConvNeXt optimized', 'optimized'),
+        ('VBResNet', 'VBResNet', 'vb'),
+        ('VBResNet', 'VBResNet optimized', 'optimized')]
+    assert all(r.note == '' for r in out['rows']), out['rows']
+    assert all(r.median_ms > 0 for r in out['rows'])
+
+
+@pytest.mark.parametrize('text,message', [
+    ('dict(arch=1)', "--backbone-cfg 'dict(arch=1)' is not valid: it must "
+     "be a dict with a 'type'"),
+    ('dict(type=', "--backbone-cfg 'dict(type=' is not valid: give a "
+     'dict(type=..., ...) expression or a config file (.py) with '
+     'model.backbone'),
+])
+def test_bad_backbone_cfg_is_a_value_error(text, message):
+    with pytest.raises(ValueError) as err:
+        bm.backbone_cfg(text)
+    assert str(err.value).startswith(message)
+
+
+def test_unknown_timm_model_is_a_value_error():
+    with pytest.raises(ValueError) as err:
+        bm.make_rows(['timm:resnet_nope'])
+    assert str(err.value) == ("arch='timm:resnet_nope' is not valid: timm "
+                              "has no model 'resnet_nope'")

@@ -8,6 +8,10 @@ Examples:
     python tools/benchmark.py --arch resnet50 convnext_tiny regnetx_3.2gf \\
         --forms optimized compiled
     python tools/benchmark.py --arch resnet50 --mode train
+    python tools/benchmark.py --arch timm:convnext_small \
+        --forms optimized onnxruntime openvino openvino-bf16 openvino-int8
+    python tools/benchmark.py \
+        --backbone-cfg "dict(type='VBConvNeXt', arch='small')"
     python tools/benchmark.py --mode detector \\
         --config configs/mask_rcnn/mask-rcnn_vb-r18_fpn_toy.py
 """
@@ -18,16 +22,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vb_plugin.benchmark import (ARCHITECTURES, DTYPES, FORMS,  # noqa: E402
-                                 MODES, Settings, detector_rows,
+                                 MODES, Settings, backbone_cfg,
+                                 detector_rows,
                                  format_table, make_rows, run_benchmark,
                                  summarize, write_outputs)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--arch', nargs='+', default=['resnet50'],
-                   choices=sorted(ARCHITECTURES),
-                   help='architectures to time (default: resnet50)')
+    p.add_argument('--arch', nargs='+', default=None,
+                   help='architectures to time: ' + ', '.join(
+                       sorted(ARCHITECTURES)) + ", or 'timm:<model name>' "
+                   '(default: resnet50, unless --backbone-cfg is given)')
+    p.add_argument('--backbone-cfg', action='append', default=[],
+                   metavar='CFG',
+                   help="a backbone to time: \"dict(type='VBConvNeXt', "
+                   "arch='small')\" or a config file (its model.backbone); "
+                   'may repeat')
     p.add_argument('--mode', default='backbone', choices=MODES,
                    help='backbone alone, backbone + FPN, a training step '
                    '(forward + backward, frozen_stages=1, norm_eval) or a '
@@ -70,7 +81,10 @@ def main(argv=None) -> dict:
     if args.mode == 'detector':
         rows = detector_rows(args.config, forms)
     else:
-        rows = make_rows(args.arch, peers=not args.no_peers, forms=forms)
+        archs = list(args.arch or ([] if args.backbone_cfg else
+                                   ['resnet50']))
+        archs += [backbone_cfg(text) for text in args.backbone_cfg]
+        rows = make_rows(archs, peers=not args.no_peers, forms=forms)
     out = run_benchmark(rows, settings, progress=not args.no_progress)
     meta = out['meta']
     print(format_table(out['rows']))

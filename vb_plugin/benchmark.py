@@ -129,12 +129,14 @@ class _HFBackbone(nn.Module):
 class _TimmFeatures(nn.Module):
     """timm ``features_only`` returning a tuple (it returns a list)."""
 
-    def __init__(self, name: str, out_indices: Sequence[int]) -> None:
+    def __init__(self, name: str,
+                 out_indices: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         import timm
+        kwargs = {} if out_indices is None else dict(
+            out_indices=tuple(out_indices))
         self.body = timm.create_model(name, pretrained=False,
-                                      features_only=True,
-                                      out_indices=tuple(out_indices))
+                                      features_only=True, **kwargs)
 
     def forward(self, x):
         return tuple(self.body(x))
@@ -235,6 +237,71 @@ ARCHITECTURES = {
 }
 
 
+def _from_cfg(cfg: dict, row_name: str) -> Callable[..., nn.Module]:
+    def build(train: bool = False) -> nn.Module:
+        from mmengine.registry import MODELS
+        import vb_plugin  # noqa: F401 (registers the VB backbones)
+        extra = dict(frozen_stages=1, norm_eval=True) if train else {}
+        return MODELS.build({**cfg, **extra})
+    build.row_name = row_name
+    return build
+
+
+def backbone_cfg(text: str) -> dict:
+    """A backbone config from ``--backbone-cfg``: a ``dict(...)`` expression
+    or a config file whose ``model.backbone`` is used.
+
+    Example:
+        >>> backbone_cfg("dict(type='VBConvNeXt', arch='atto')")
+        {'type': 'VBConvNeXt', 'arch': 'atto'}
+    """
+    from mmengine.config import Config
+    if text.endswith('.py'):
+        cfg = Config.fromfile(text)
+        if 'model' not in cfg or 'backbone' not in cfg.model:
+            raise ValueError(f'--backbone-cfg {text!r}: the config has no '
+                             'model.backbone')
+        return cfg.model.backbone.to_dict()
+    try:
+        cfg = Config.fromstring(f'backbone = {text}', '.py').backbone
+    except Exception as err:  # noqa: BLE001 (any syntax error)
+        raise ValueError(f"--backbone-cfg {text!r} is not valid: give a "
+                         "dict(type=..., ...) expression or a config file "
+                         f"(.py) with model.backbone ({err})") from err
+    if not isinstance(cfg, dict) or 'type' not in cfg:
+        raise ValueError(f'--backbone-cfg {text!r} is not valid: it must be '
+                         "a dict with a 'type'")
+    return cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
+
+
+def architecture(arch) -> Tuple[Callable, List[Tuple[str, Callable, str]]]:
+    """The (VB builder, peers) of an ``--arch`` value: a name of
+    :data:`ARCHITECTURES`, ``'timm:<model name>'`` (``VBTimmBackbone`` with
+    timm's own ``features_only`` model as the peer) or a backbone config
+    dict (no peers).
+
+    Example:
+        >>> build, peers = architecture('timm:resnet10t')
+        >>> build.row_name, [p[0] for p in peers]
+        ('VBTimmBackbone resnet10t', ['timm resnet10t'])
+    """
+    if isinstance(arch, dict):
+        return _from_cfg(arch, str(arch.get('type'))), []
+    if isinstance(arch, str) and arch.startswith('timm:'):
+        import timm
+        name = arch[len('timm:'):]
+        if not timm.is_model(name):
+            raise ValueError(f'arch={arch!r} is not valid: timm has no '
+                             f'model {name!r}')
+        return (_from_cfg(dict(type='VBTimmBackbone', model_name=name),
+                          f'VBTimmBackbone {name}'),
+                [(f'timm {name}', _timm(name, None), 'timm')])
+    if arch not in ARCHITECTURES:
+        raise ValueError(f'arch={arch!r} is not valid; choose from '
+                         f"{sorted(ARCHITECTURES)} or 'timm:<model name>'")
+    return ARCHITECTURES[arch]
+
+
 def make_rows(archs: Sequence[str],
               peers: bool = True,
               forms: Sequence[str] = ('optimized', )) -> List[Row]:
@@ -242,7 +309,9 @@ def make_rows(archs: Sequence[str],
     are importable, then the optimised forms of the VB backbone.
 
     Args:
-        archs (Sequence[str]): Names of :data:`ARCHITECTURES`.
+        archs (Sequence[str | dict]): Names of :data:`ARCHITECTURES`,
+            ``'timm:<model name>'`` or backbone config dicts (see
+            :func:`architecture`).
         peers (bool): Add the peer rows. Defaults to True.
         forms (Sequence[str]): Names of :data:`FORMS`. Defaults to
             ('optimized', ).
@@ -253,18 +322,16 @@ def make_rows(archs: Sequence[str],
         [('VBRegNet', 'vb'), ('mmdet RegNet', 'peer'),
          ('timm regnetx_004', 'peer'), ('VBRegNet optimized', 'optimized')]
     """
-    for arch in archs:
-        if arch not in ARCHITECTURES:
-            raise ValueError(f'arch={arch!r} is not valid; choose from '
-                             f'{sorted(ARCHITECTURES)}')
+    entries = [architecture(arch) for arch in archs]
     for form in forms:
         if form not in FORMS:
             raise ValueError(f'form={form!r} is not valid; choose from '
                              f'{list(FORMS)}')
     rows = []
-    for arch in archs:
-        vb_build, peer_list = ARCHITECTURES[arch]
+    for arch, (vb_build, peer_list) in zip(archs, entries):
         vb_name = vb_build.row_name
+        if isinstance(arch, dict):
+            arch = vb_name
         rows.append(Row(arch, vb_name, 'vb', vb_build))
         if peers:
             for name, build, module in peer_list:
