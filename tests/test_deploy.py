@@ -303,3 +303,37 @@ def test_tools_export_writes_a_checked_file(toy_root, tmp_path):
     session = ort.InferenceSession(str(out),
                                    providers=['CPUExecutionProvider'])
     assert len(session.get_outputs()) == 5
+
+
+def test_tools_deploy_eval_compares_forms_on_the_test_set(
+        toy_root, tmp_path, monkeypatch, capsys):
+    """mmengine's Runner evaluates the config's test set with the torch
+    model and each form; fp32 on the engine gives the torch metrics."""
+    import importlib.util
+    monkeypatch.chdir(toy_root)
+    model = toy_detector()
+    ckpt = tmp_path / 'model.pth'
+    torch.save({'state_dict': model.state_dict()}, ckpt)
+    spec = importlib.util.spec_from_file_location(
+        'deploy_eval', ROOT / 'tools/deploy_eval.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    results = tool.main([str(TOY), str(ckpt), '--forms', 'onnxruntime',
+                         'openvino-int8', '--calibration-images', '2',
+                         '--work-dir', str(tmp_path / 'work'),
+                         '--cfg-options', 'model.test_cfg.rcnn.score_thr=0.0'])
+    assert list(results) == ['torch', 'onnxruntime', 'openvino-int8']
+    for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
+        assert results['onnxruntime'][key] == pytest.approx(
+            results['torch'][key], abs=1e-3)
+        assert 0 <= results['openvino-int8'][key] <= 1
+    printed = capsys.readouterr().out
+    assert '| form | coco/bbox_mAP | coco/bbox_mAP_50 |' in printed
+    assert '| openvino-int8 |' in printed
+
+
+def test_evaluate_forms_refuses_unknown_forms():
+    from vb_plugin.deploy.evaluate import evaluate_forms
+    with pytest.raises(ValueError, match=r"^form='tensorrt' is not valid; "
+                       r"choose from \['optimized'"):
+        evaluate_forms(Config.fromfile(TOY), forms=['tensorrt'])
