@@ -22,6 +22,8 @@ import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from mmcv.cnn.bricks.wrappers import Conv2d as MMCVConv2d
+from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
@@ -48,18 +50,7 @@ def _foldable_conv_types() -> Tuple[type, ...]:
     inside ``forward``; folding a BN into that weight would be wrong, so only
     classes known to use the weight as it is qualify.
     """
-    types = [nn.Conv2d]
-    try:
-        from mmcv.cnn.bricks.wrappers import Conv2d as MMCVConv2d
-        types.append(MMCVConv2d)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from timm.layers import Conv2dSame
-        types.append(Conv2dSame)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
+    return (nn.Conv2d, MMCVConv2d, Conv2dSame)
 
 
 def _is_foldable_conv(module: nn.Module) -> bool:
@@ -80,21 +71,10 @@ def _is_foldable_bn(module: nn.Module) -> bool:
 def _bn_remainder(bn: nn.Module) -> nn.Module:
     """What stays of a norm after folding: timm's ``BatchNormAct2d`` and
     :class:`FrozenBatchNormAct2d` keep their drop and act."""
-    try:
-        from timm.layers import BatchNormAct2d
-        act_types: Tuple[type, ...] = (BatchNormAct2d, FrozenBatchNormAct2d)
-    except ImportError:  # pragma: no cover
-        act_types = (FrozenBatchNormAct2d, )
-    if isinstance(bn, act_types):
+    if isinstance(bn, (BatchNormAct2d, FrozenBatchNormAct2d)):
         return nn.Sequential(getattr(bn, 'drop', nn.Identity()),
                              getattr(bn, 'act', nn.Identity()))
     return nn.Identity()
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition('.')
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def find_conv_bn_pairs(model: nn.Module,
@@ -189,7 +169,7 @@ def fold_batch_norms(model: nn.Module,
                 bn.eps, bn.weight, bn.bias)
         conv.weight = weight
         conv.bias = bias
-        _set_submodule(model, bn_name, _bn_remainder(bn))
+        model.set_submodule(bn_name, _bn_remainder(bn))
     return pairs
 
 

@@ -23,7 +23,6 @@ from .toy_coco import TOY_CLASSES, make_image
 
 #: Class names of the label maps, index = pixel value.
 TOY_SEG_CLASSES = ('background', ) + TOY_CLASSES
-TOY_SEG_PALETTE = [(0, 0, 0), (220, 20, 60), (0, 128, 255), (0, 170, 0)]
 
 
 def make_seg_image(rng: np.random.Generator,

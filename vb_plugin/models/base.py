@@ -19,7 +19,7 @@ Everything that cuts across families is here, written once:
 import copy
 import numbers
 from abc import ABCMeta, abstractmethod
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils.checkpoint as cp
@@ -28,6 +28,9 @@ from mmengine.model import BaseModule
 from torch import nn
 
 from ..layers import check_norm_cfg, freeze_batch_norms, is_batch_norm
+
+if TYPE_CHECKING:
+    from ..weights.rules import WeightSource
 
 OptConfigType = Optional[dict]
 
@@ -140,6 +143,11 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
     #: The wiring (:mod:`vb_plugin.wiring`) checks it against the data
     #: preprocessor's ``pad_size_divisor`` when a detector is built.
     size_divisor: int = 1
+
+    #: The checkpoint layouts the family loads (``WeightSource`` rule
+    #: tables of :mod:`vb_plugin.weights`), tried in order by
+    #: :func:`vb_plugin.load_pretrained`; empty: the family loads none.
+    weight_sources: Tuple['WeightSource', ...] = ()
 
     #: Regexes of state-dict keys a checkpoint may lack: layers that the
     #: source models do not have. They keep their initial values.
@@ -288,17 +296,12 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
             module = self.get_submodule(name)
             if self.frozen_bn:
                 module = freeze_batch_norms(module)
-                self._replace_module(name, module)
+                self.set_submodule(name, module)
             module.eval()
             module.requires_grad_(False)
         if self.frozen_stages >= 0:
             for name in self.stem_parameter_names():
                 self.get_parameter(name).requires_grad_(False)
-
-    def _replace_module(self, name: str, new: nn.Module) -> None:
-        parent_name, _, child = name.rpartition('.')
-        parent = self.get_submodule(parent_name) if parent_name else self
-        setattr(parent, child, new)
 
     def train(self, mode: bool = True) -> 'VBBackbone':
         """Set train/eval mode, keeping frozen modules (and, with

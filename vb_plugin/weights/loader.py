@@ -121,7 +121,9 @@ def load_pretrained(model: nn.Module,
         >>> report.source, len(report.loaded), report.dropped
         ('mmdet', 120, {'classifier head': ['fc.weight', 'fc.bias']})
     """
-    sources = getattr(model, 'weight_sources', None)
+    # NOTE: getattr: any module declaring weight_sources loads, not only
+    # VBBackbone subclasses (which declare it, empty by default).
+    sources = getattr(model, 'weight_sources', ())
     if not sources:
         raise CheckpointError(f'{type(model).__name__} declares no '
                               'weight_sources to convert checkpoints with')
