@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 import torch
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
+from mmdet.utils import OptConfigType
 from mmengine.model import BaseModule
 from torch import nn
 
@@ -32,7 +33,7 @@ from ..layers import check_norm_cfg, freeze_batch_norms, is_batch_norm
 if TYPE_CHECKING:
     from ..weights.rules import WeightSource
 
-OptConfigType = Optional[dict]
+__all__ = ['OptConfigType', 'VBBackbone', 'resolve_out_indices']
 
 
 def resolve_out_indices(out_indices: Sequence[int],

@@ -35,7 +35,7 @@ from ..layers import check_norm_cfg
 from ..weights.regnet import REGNET_SOURCES
 from ..checks import check_int
 from .base import OptConfigType, VBBackbone
-from .resnet import CONV_BN_INIT_CFG
+from .common import CONV_BN_INIT_CFG, zero_init_norm
 
 #: Block widths are quantised to multiples of this (pycls ``QUANT``).
 WIDTH_QUANT = 8
@@ -559,6 +559,4 @@ class VBRegNet(VBBackbone):
             return
         for m in self.modules():
             if isinstance(m, RegNetBottleneck):
-                weight = getattr(m.norm3, 'weight', None)
-                if weight is not None:
-                    nn.init.zeros_(weight)
+                zero_init_norm(m.norm3)

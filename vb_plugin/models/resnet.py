@@ -26,6 +26,7 @@ from ..layers import check_norm_cfg
 from ..weights.resnet import RESNET_SOURCES
 from ..checks import check_int
 from .base import OptConfigType, VBBackbone
+from .common import CONV_BN_INIT_CFG, zero_init_norm
 
 
 #: mmcv's DeformConv2dPack (DCN v1) refuses maps smaller than its kernel.
@@ -46,12 +47,6 @@ class ResNetArch:
     block: Type[nn.Module]
     stage_blocks: Tuple[int, ...]
 
-
-#: mmdet's default initialisation of conv + BN backbones (ResNet, RegNet).
-CONV_BN_INIT_CFG = (
-    dict(type='Kaiming', layer='Conv2d'),
-    dict(type='Constant', val=1, layer=['_BatchNorm', 'GroupNorm']),
-)
 
 RESNET_ARCHS = {
     18: ResNetArch(BasicBlock, (2, 2, 2, 2)),
@@ -330,9 +325,8 @@ class VBResNet(VBBackbone):
         for m in self.modules():
             if isinstance(m, (BasicBlock, Bottleneck)):
                 if self.zero_init_residual:
-                    last = m.norm3 if isinstance(m, Bottleneck) else m.norm2
-                    if getattr(last, 'weight', None) is not None:
-                        nn.init.zeros_(last.weight)
+                    zero_init_norm(m.norm3 if isinstance(m, Bottleneck)
+                                   else m.norm2)
                 offset = getattr(m.conv2, 'conv_offset', None)
                 if offset is not None:
                     nn.init.zeros_(offset.weight)
