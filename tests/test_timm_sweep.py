@@ -70,6 +70,8 @@ def test_one_model_per_timm_module():
     for module, (name, status, msg) in sorted(results.items()):
         if status != 'pyramid 4..32':
             print(f'  {module} ({name}): {status}: {msg[:160]}')
-    # timm 1.0.31: 54 of 98 modules gave a stride-4..32 pyramid (measured
-    # before the size-divisor table, which only turns failures into errors).
-    assert counts["pyramid 4..32"] >= 54
+    # timm 1.0.31, measured 2026-12-03: 60 of 98 modules give a
+    # stride-4..32 pyramid, 16 are refused at forward and 14 at build with
+    # a ValueError/TypeError, 6 have other strides, and inception_v3/v4's
+    # outputs do not match their metadata (a known defect, not yet fixed).
+    assert counts['pyramid 4..32'] >= 60
