@@ -33,11 +33,12 @@ import torch
 from torch import nn
 
 from .deploy.engines import engine_tolerance
-from .inference import (max_abs_difference, optimize_for_inference,
+from .inference import (_DTYPES, max_abs_difference, optimize_for_inference,
                         tolerance_for)
 
 MODES = ('backbone', 'neck', 'train', 'detector')
-DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
+#: The --dtype names: the short names of the inference path's table.
+DTYPES = {name: _DTYPES[name] for name in ('fp32', 'bf16')}
 #: The optimised forms a run may add: name -> optimize_for_inference kwargs.
 FORMS = {
     'optimized': dict(),
