@@ -341,8 +341,10 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ``ValueError`` naming the expected shape when ``x`` is
-        not an NCHW batch with the backbone's ``in_channels``, instead of a
-        shape error deep inside the first conv. A shape comparison only."""
+        not an NCHW batch with the backbone's ``in_channels``, or naming
+        :attr:`size_divisor` when its height or width is not a multiple of
+        it, instead of a shape error deep inside the network. A shape
+        comparison only."""
         channels = getattr(self, 'in_channels', None)
         if x.dim() != 4 or (channels is not None and x.shape[1] != channels):
             raise ValueError(
@@ -350,6 +352,17 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
                 f'(N, {channels if channels is not None else "C"}, H, W) '
                 f'(in_channels={channels}), got a tensor of shape '
                 f'{tuple(x.shape)}')
+        div = self.size_divisor
+        if div > 1 and (x.shape[-2] % div or x.shape[-1] % div):
+            raise ValueError(
+                f'{self.describe()} needs inputs whose height and width are '
+                f'multiples of {div} (size_divisor={div}), got '
+                f'{x.shape[-2]}x{x.shape[-1]}: pad them (mmdet: '
+                f'data_preprocessor.pad_size_divisor={div} or a multiple)')
+
+    def describe(self) -> str:
+        """How error messages name this backbone (its class name here)."""
+        return type(self).__name__
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Return the feature maps of ``out_indices``, in stage order."""

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, to_2tuple
 from timm.models import model_entrypoint, split_model_name_tag
 from mmengine.registry import MODELS
 from timm.models._features import (FeatureDictNet, FeatureGetterNet,
@@ -464,9 +464,7 @@ class VBTimmBackbone(VBBackbone):
         # NOTE: only timm's PatchEmbed (non-overlapping patches) needs it;
         # overlapping conv embeddings (PVT v2) take any size.
         if isinstance(embed, PatchEmbed) and not embed.dynamic_img_pad:
-            patch = tuple(patch) if isinstance(patch, (tuple, list)) else (
-                patch, patch)
-            self.input_pad = int(max(patch))
+            self.input_pad = int(max(to_2tuple(patch)))
         cfg = getattr(model, 'pretrained_cfg', None) or {}
         size = self.create_kwargs.get('img_size') or cfg.get(
             'input_size', (3, 224, 224))[-2:]
@@ -612,6 +610,10 @@ class VBTimmBackbone(VBBackbone):
     def stage_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 3, 1, 2).contiguous() if self._nhwc else x
 
+    def describe(self) -> str:
+        """Error messages name the timm model."""
+        return repr(self.model_name)
+
     def prepare_export(self) -> None:
         """Pad the input here rather than in timm's patch embedding.
 
@@ -624,10 +626,8 @@ class VBTimmBackbone(VBBackbone):
         for module in self.modules():
             if isinstance(module, PatchEmbed) and module.dynamic_img_pad:
                 module.dynamic_img_pad = False
-                patch = module.patch_size
-                patch = patch if isinstance(patch, (tuple, list)) else (
-                    patch, )
-                self.input_pad = max(self.input_pad, *map(int, patch))
+                self.input_pad = max(self.input_pad,
+                                     int(max(to_2tuple(module.patch_size))))
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Return the feature maps of ``out_indices`` (NCHW), in order.
@@ -637,13 +637,6 @@ class VBTimmBackbone(VBBackbone):
         """
         self.check_input(x)
         size = tuple(x.shape[-2:])
-        div = self.size_divisor
-        if div > 1 and (size[0] % div or size[1] % div):
-            raise ValueError(
-                f'{self.model_name!r} needs inputs whose height and width are '
-                f'multiples of {div} (size_divisor={div}), got {size[0]}x'
-                f'{size[1]}: pad them (mmdet: data_preprocessor.'
-                f'pad_size_divisor={div} or a multiple)')
         pad = self.input_pad
         # NOTE: traced for ONNX, the pad is always recorded (its amounts
         # are shape ops, zero at multiples of the patch).
