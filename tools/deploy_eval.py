@@ -16,7 +16,8 @@ from mmengine.config import DictAction
 
 
 def parse_args(argv=None):
-    from vb_plugin.benchmark import FORMS
+    from vb_plugin.deploy import PARTS
+    from vb_plugin.inference import FORMS
     parser = argparse.ArgumentParser(
         description='Evaluate a detector with its backbone (+ neck) in each '
         'inference form')
@@ -24,8 +25,7 @@ def parse_args(argv=None):
     parser.add_argument('checkpoint')
     parser.add_argument('--forms', nargs='+', default=['onnxruntime'],
                         choices=list(FORMS))
-    parser.add_argument('--part', default='backbone+neck',
-                        choices=['backbone', 'backbone+neck'])
+    parser.add_argument('--part', default='backbone+neck', choices=PARTS)
     parser.add_argument('--calibration-images', type=int, default=100)
     parser.add_argument('--work-dir', default=None)
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)

@@ -13,6 +13,7 @@ from mmengine.config import DictAction
 
 
 def parse_args(argv=None):
+    from vb_plugin.deploy import PARTS
     parser = argparse.ArgumentParser(
         description='Export a backbone (+ neck) to ONNX with dynamic batch, '
         'height and width; checked with onnxruntime')
@@ -20,8 +21,7 @@ def parse_args(argv=None):
     parser.add_argument('checkpoint', nargs='?',
                         help='checkpoint of the whole model (optional)')
     parser.add_argument('--out', required=True, help='the .onnx file')
-    parser.add_argument('--part', default='backbone',
-                        choices=['backbone', 'backbone+neck'])
+    parser.add_argument('--part', default='backbone', choices=PARTS)
     parser.add_argument('--opset', type=int, default=None,
                         help='ONNX opset (default 18)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,

@@ -33,27 +33,13 @@ import torch
 from torch import nn
 
 from .deploy.engines import engine_tolerance
-from .inference import (_DTYPES, max_abs_difference, optimize_for_inference,
-                        tolerance_for)
+# NOTE: FORMS (the --forms names) is the inference path's table.
+from .inference import (_DTYPES, FORMS, check_forms, max_abs_difference,
+                        optimize_for_inference, tolerance_for)
 
 MODES = ('backbone', 'neck', 'train', 'detector')
 #: The --dtype names: the short names of the inference path's table.
 DTYPES = {name: _DTYPES[name] for name in ('fp32', 'bf16')}
-#: The optimised forms a run may add: name -> optimize_for_inference kwargs.
-FORMS = {
-    'optimized': dict(),
-    'compiled': dict(compile=True),
-    'bf16': dict(dtype='bf16'),
-    'compiled-bf16': dict(compile=True, dtype='bf16'),
-    # Inference engines (vb_plugin.deploy; the `deploy` extra). int8 rows
-    # are calibrated on random inputs: a speed figure, not an accuracy one.
-    'onnxruntime': dict(backend='onnxruntime'),
-    'onnxruntime-int8': dict(backend='onnxruntime', dtype='int8'),
-    'openvino': dict(backend='openvino'),
-    'openvino-bf16': dict(backend='openvino', dtype='bf16'),
-    'openvino-int8': dict(backend='openvino', dtype='int8'),
-}
-
 #: CSV columns, in order (the JSON rows have the same keys).
 COLUMNS = ('arch', 'name', 'kind', 'mode', 'median_ms', 'p10_ms', 'p90_ms',
            'images_per_s', 'ratio_to_first', 'params_m', 'gmacs',
@@ -324,10 +310,7 @@ def make_rows(archs: Sequence[str],
          ('timm regnetx_004', 'peer'), ('VBRegNet optimized', 'optimized')]
     """
     entries = [architecture(arch) for arch in archs]
-    for form in forms:
-        if form not in FORMS:
-            raise ValueError(f'form={form!r} is not valid; choose from '
-                             f'{list(FORMS)}')
+    check_forms(forms)
     rows = []
     for arch, (vb_build, peer_list) in zip(archs, entries):
         vb_name = vb_build.row_name
@@ -694,6 +677,8 @@ def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
         target = copy.deepcopy(target).float()
         example = x[:1].float()
         form = dict(row.form)
+        # NOTE: int8 rows are calibrated on random inputs: a speed figure,
+        # not an accuracy one (tools/deploy_eval.py measures accuracy).
         if form.get('dtype') == 'int8':
             gen = torch.Generator().manual_seed(0)
             form['calibration'] = [torch.randn(example.shape, generator=gen)
@@ -1036,10 +1021,8 @@ def detector_rows(config: str,
 
     name = Path(config).stem
     rows = [Row('detector', name, 'vb', build)]
+    check_forms(forms)
     for form in forms:
-        if form not in FORMS:
-            raise ValueError(f'form={form!r} is not valid; choose from '
-                             f'{list(FORMS)}')
         rows.append(Row('detector', f'{name} {form}', form, build,
                         form=FORMS[form], ref=name))
     return rows

@@ -43,6 +43,34 @@ _DTYPES = {'fp32': torch.float32, 'float32': torch.float32,
            'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16}
 
 
+#: Named forms of :func:`optimize_for_inference`: name -> its keyword
+#: arguments (used by tools/benchmark.py --forms and tools/deploy_eval.py).
+#: Engine forms need the `deploy` extra; int8 ones need ``calibration``.
+FORMS = {
+    'optimized': dict(),
+    'compiled': dict(compile=True),
+    'bf16': dict(dtype='bf16'),
+    'compiled-bf16': dict(compile=True, dtype='bf16'),
+    'onnxruntime': dict(backend='onnxruntime'),
+    'onnxruntime-int8': dict(backend='onnxruntime', dtype='int8'),
+    'openvino': dict(backend='openvino'),
+    'openvino-bf16': dict(backend='openvino', dtype='bf16'),
+    'openvino-int8': dict(backend='openvino', dtype='int8'),
+}
+
+
+def check_forms(forms) -> None:
+    """Raise ``ValueError`` for a name that is not in :data:`FORMS`.
+
+    Example:
+        >>> check_forms(['optimized', 'openvino-int8'])
+    """
+    for form in forms:
+        if form not in FORMS:
+            raise ValueError(f'form={form!r} is not valid; choose from '
+                             f'{list(FORMS)}')
+
+
 def _foldable_conv_types() -> Tuple[type, ...]:
     """Conv classes whose forward is a plain conv of ``weight``/``bias``.
 
@@ -287,11 +315,13 @@ class InferenceModel(nn.Module):
         return out
 
 
-def _default_example(model: nn.Module) -> torch.Tensor:
+def _default_example(model: nn.Module,
+                     size: Tuple[int, int] = (64, 64)) -> torch.Tensor:
+    """A 1 x in_channels x H x W random input on the model's device."""
     in_channels = getattr(model, 'in_channels', 3)
     param = next(model.parameters(), None)
     device = param.device if param is not None else 'cpu'
-    return torch.rand(1, int(in_channels), 64, 64, device=device)
+    return torch.rand(1, int(in_channels), *size, device=device)
 
 
 def optimize_for_inference(backbone: nn.Module,

@@ -16,17 +16,17 @@ import dataclasses
 import functools
 import tempfile
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..inference import max_abs_difference, tolerance_for
-from .onnx_export import (OnnxExport, _as_list, export_onnx, ort_session,
-                          run_ort)
+from ..inference import _max_abs, max_abs_difference, tolerance_for
+from .onnx_export import OnnxExport, _as_list, export_onnx, ort_session
 
 BACKENDS = ('onnxruntime', 'openvino')
-ENGINE_DTYPES = ('fp32', 'bf16', 'int8')
+#: What of a detector goes on the engine (or into the ONNX file).
+PARTS = ('backbone', 'backbone+neck')
 #: dtypes each backend runs (ONNX Runtime's CPU provider has no bf16
 #: kernels for convolutions).
 BACKEND_DTYPES = {'onnxruntime': ('fp32', 'int8'),
@@ -52,11 +52,20 @@ def engine_tolerance(dtype: str, reference) -> float:
         1.0
     """
     if dtype == 'int8':
-        scale = max(max(o.abs().max().item() for o in _as_list(reference)),
-                    1.)
-        return INT8_RELATIVE_TOLERANCE * scale
+        return INT8_RELATIVE_TOLERANCE * max(_max_abs(reference), 1.)
     return tolerance_for(
         torch.float32 if dtype == 'fp32' else torch.bfloat16, reference)
+
+
+def check_part(part: str) -> None:
+    """Raise ``ValueError`` unless ``part`` is one of :data:`PARTS`.
+
+    Example:
+        >>> check_part('backbone+neck')
+    """
+    if part not in PARTS:
+        raise ValueError(f"part={part!r} is not valid; use 'backbone' or "
+                         "'backbone+neck'")
 
 
 class BackboneWithNeck(nn.Module):
@@ -397,9 +406,7 @@ def deploy_detector(detector: nn.Module,
     Returns:
         nn.Module: ``detector``, changed in place and in eval mode.
     """
-    if part not in ('backbone', 'backbone+neck'):
-        raise ValueError(f"part={part!r} is not valid; use 'backbone' or "
-                         "'backbone+neck'")
+    check_part(part)
     detector.eval()
     neck = getattr(detector, 'neck', None)
     if part == 'backbone+neck' and neck is not None:

@@ -7,7 +7,7 @@ from typing import Dict, Optional, Sequence
 from mmengine.config import Config
 from mmengine.runner import Runner
 
-from ..inference import optimize_for_inference
+from ..inference import FORMS, check_forms, optimize_for_inference
 from .calibration import calibration_inputs
 from .engines import deploy_detector
 
@@ -21,7 +21,7 @@ def evaluate_forms(cfg: Config,
                    ) -> Dict[str, Dict[str, float]]:
     """The config's test metrics for the torch model and each form.
 
-    Forms are names of :data:`vb_plugin.benchmark.FORMS`: engine forms
+    Forms are names of :data:`vb_plugin.inference.FORMS`: engine forms
     ('onnxruntime', 'openvino-int8', ...) put the backbone (+ neck, see
     ``part``) on the engine with :func:`deploy_detector`; torch forms
     ('optimized', 'bf16', ...) replace the backbone by its
@@ -43,11 +43,7 @@ def evaluate_forms(cfg: Config,
     Returns:
         dict: ``{'torch': metrics, form: metrics, ...}``.
     """
-    from ..benchmark import FORMS
-    for form in forms:
-        if form not in FORMS:
-            raise ValueError(f'form={form!r} is not valid; choose from '
-                             f'{list(FORMS)}')
+    check_forms(forms)
     cfg = copy.deepcopy(cfg)
     cfg.load_from = checkpoint
     runner = Runner.from_cfg(cfg)

@@ -26,7 +26,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..inference import fold_batch_norms, max_abs_difference, tolerance_for
+from ..inference import (_default_example, fold_batch_norms,
+                         max_abs_difference, tolerance_for)
 
 #: The ONNX opset used when none is given: the newest one torch 2.13's
 #: TorchScript exporter writes and onnxruntime 1.20+/OpenVINO 2025+ read.
@@ -63,14 +64,6 @@ class OnnxExport:
     folded: int
 
 
-def _deformable_types() -> Tuple[type, ...]:
-    try:
-        from mmcv.ops import DeformConv2d, ModulatedDeformConv2d
-    except ImportError:  # NOTE: mmcv built without ops
-        return ()
-    return (DeformConv2d, ModulatedDeformConv2d)
-
-
 def check_exportable(model: nn.Module) -> None:
     """Raise :class:`ExportError` for modules no ONNX engine can run.
 
@@ -80,9 +73,9 @@ def check_exportable(model: nn.Module) -> None:
     Example:
         >>> check_exportable(nn.Conv2d(3, 4, 3))
     """
-    kinds = _deformable_types()
+    from mmcv.ops import DeformConv2d, ModulatedDeformConv2d
     for name, module in model.named_modules():
-        if kinds and isinstance(module, kinds):
+        if isinstance(module, (DeformConv2d, ModulatedDeformConv2d)):
             raise ExportError(
                 f'{type(model).__name__} cannot be exported to ONNX: module '
                 f'{name!r} is mmcv\'s {type(module).__name__} (deformable '
@@ -196,6 +189,10 @@ def _divisor(model: nn.Module) -> int:
     return max(int(getattr(model, 'size_divisor', 1) or 1), 1)
 
 
+def _round_up(sizes: Sequence[int], div: int) -> Tuple[int, ...]:
+    return tuple(-(-n // div) * div for n in sizes)
+
+
 def default_example(model: nn.Module) -> torch.Tensor:
     """A 1 x C x 129 x 161 input (rounded up to the model's
     ``size_divisor``): odd, so padding branches are traced too.
@@ -205,12 +202,7 @@ def default_example(model: nn.Module) -> torch.Tensor:
         >>> tuple(default_example(VBResNet(depth=18)).shape)
         (1, 3, 129, 161)
     """
-    div = _divisor(model)
-    h, w = (-(-n // div) * div for n in (129, 161))
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else 'cpu'
-    return torch.rand(1, int(getattr(model, 'in_channels', 3)), h, w,
-                      device=device)
+    return _default_example(model, _round_up((129, 161), _divisor(model)))
 
 
 def second_input(example: torch.Tensor, div: int = 1) -> torch.Tensor:
@@ -221,9 +213,7 @@ def second_input(example: torch.Tensor, div: int = 1) -> torch.Tensor:
         (2, 3, 96, 224)
     """
     b, c, h, w = example.shape
-    h2 = max(h - 33, 32)
-    w2 = w + 63
-    h2, w2 = (-(-n // div) * div for n in (h2, w2))
+    h2, w2 = _round_up((max(h - 33, 32), w + 63), div)
     return torch.rand(b + 1, c, h2, w2, device=example.device)
 
 
@@ -342,12 +332,12 @@ def export_onnx(model: nn.Module,
     checks = []
     if check:
         session = ort_session(data)
-        inputs = [example_input]
+        cases = [(example_input, ref_outs)]
         if dynamic:
-            inputs.append(second_input(example_input, _divisor(model)))
-        for x in inputs:
+            x = second_input(example_input, _divisor(model))
             with torch.no_grad():
-                ref = _as_list(ready(x))
+                cases.append((x, _as_list(ready(x))))
+        for x, ref in cases:
             try:
                 out = run_ort(session, x)
                 diff = max_abs_difference(ref, out)
@@ -402,10 +392,8 @@ def export_config(cfg,
     """
     from mmengine.runner import load_checkpoint
     from ..apis import build_detector
-    from .engines import BackboneWithNeck
-    if part not in ('backbone', 'backbone+neck'):
-        raise ValueError(f"part={part!r} is not valid; use 'backbone' or "
-                         "'backbone+neck'")
+    from .engines import BackboneWithNeck, check_part
+    check_part(part)
     model = build_detector(cfg, pretrained=False)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, map_location='cpu', strict=True,
