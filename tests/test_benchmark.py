@@ -93,7 +93,7 @@ def test_percentile_and_busy_warning():
     (2.5, 1, False, True),
 ])
 def test_busy_warning_on_two_cores(monkeypatch, load, threads, own, busy):
-    monkeypatch.setattr(bm.os, 'cpu_count', lambda: 2)
+    monkeypatch.setattr(bm.measure.os, 'cpu_count', lambda: 2)
     warning = bm.busy_warning(load, threads, includes_own=own)
     assert (warning is not None) == busy
     if busy:
@@ -209,7 +209,7 @@ def test_rows_are_timed_interleaved_in_rotating_order():
 
 def test_all_rows_of_an_architecture_are_prepared_before_timing(monkeypatch):
     events = []
-    real_prepare, real_time = bm._prepare_row, bm.time_interleaved
+    real_prepare, real_time = bm.run._prepare_row, bm.time_interleaved
 
     def prepare(row, *args):
         events.append(('prepare', row.arch, row.name))
@@ -219,8 +219,8 @@ def test_all_rows_of_an_architecture_are_prepared_before_timing(monkeypatch):
         events.append(('time', len(fns)))
         return real_time(fns, *args, **kwargs)
 
-    monkeypatch.setattr(bm, '_prepare_row', prepare)
-    monkeypatch.setattr(bm, 'time_interleaved', timed)
+    monkeypatch.setattr(bm.run, '_prepare_row', prepare)
+    monkeypatch.setattr(bm.run, 'time_interleaved', timed)
     rows = bm.make_rows(['resnet18', 'regnetx_400mf'], peers=False)
     out = bm.run_benchmark(rows, bm.Settings(**TINY, complexity=False),
                            progress=False, log=lambda s: None)

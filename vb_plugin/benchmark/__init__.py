@@ -1,0 +1,41 @@
+"""Backbone benchmark that runs on CPU (and CUDA): VB backbones next to the
+models users would otherwise use, on the same inputs, in one run.
+
+The library side of ``tools/benchmark.py``. For each architecture it builds
+rows: the VB backbone (eager), its peers (mmdet, timm ``features_only``, HF
+transformers, mmpretrain when importable), and the forms of
+:func:`vb_plugin.optimize_for_inference`. Each row is timed the same way:
+all rows of an architecture are built and warmed up, then timed together,
+interleaved round by round (:func:`time_interleaved`), under
+``torch.inference_mode`` (for ``mode='train'`` a forward + backward with
+``frozen_stages=1`` and ``norm_eval``), with the thread count set and the
+load average recorded.
+
+Results are :class:`Result` rows, written as a text table, CSV, JSON and a
+PNG bar chart (:func:`write_outputs`).
+
+One job per module: :mod:`.schema` (rows, results, settings),
+:mod:`.catalogue` (which models to time), :mod:`.measure` (timing, memory,
+peak), :mod:`.run` (a run), :mod:`.output` (files) and :mod:`.detector`
+(whole detectors).
+"""
+
+from ..inference import FORMS, check_forms
+from .catalogue import (ARCHITECTURES, _importable, architecture,
+                        backbone_cfg, make_rows)
+from .detector import detector_rows
+from .measure import (busy_warning, count_complexity, load_average,
+                      measure_peak, percentile, time_interleaved, warm_up)
+from .output import (TABLE_COLUMNS, format_table, plot_results, summarize,
+                     write_outputs)
+from .run import run_benchmark
+from .schema import COLUMNS, DTYPES, MODES, Result, Row, Settings
+
+__all__ = [
+    'ARCHITECTURES', 'COLUMNS', 'DTYPES', 'FORMS', 'MODES', 'TABLE_COLUMNS',
+    'Result', 'Row', 'Settings', 'architecture', 'backbone_cfg',
+    'busy_warning', 'check_forms', 'count_complexity', 'detector_rows',
+    'format_table', 'load_average', 'make_rows', 'measure_peak',
+    'percentile', 'plot_results', 'run_benchmark', 'summarize',
+    'time_interleaved', 'warm_up', 'write_outputs', '_importable'
+]

@@ -1,0 +1,251 @@
+"""How a row is measured: load average, peak memory, interleaved timing,
+percentiles, the machine's peak GFLOP/s and a model's complexity.
+"""
+import math
+import os
+import threading
+import time
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+# NOTE: FORMS (the --forms names) is the inference path's table.
+
+
+# ----------------------------------------------------------------------
+# Measurement.
+def load_average() -> float:
+    """The 1-minute load average (NaN where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover
+        return math.nan
+
+
+def busy_warning(load: float, threads: int,
+                 includes_own: bool = False) -> Optional[str]:
+    """A warning text when other work competes for the cores.
+
+    Busy means that other processes keep more than one core busy beyond
+    the cores our threads leave free: ``load - own > cores - threads + 1``,
+    where ``own`` is ``threads`` for a load average read while (or just
+    after) the benchmark ran (``includes_own``), else 0. A 1-minute load
+    average still decaying from an earlier command (e.g. 0.6 on an idle
+    2-core machine) is not busy.
+
+    Example:
+        >>> import os
+        >>> cores = os.cpu_count()
+        >>> busy_warning(0.1, 2) is None
+        True
+        >>> busy_warning(cores + 2.0, 2) is None
+        False
+        >>> busy_warning(cores, cores, includes_own=True) is None
+        True
+    """
+    cores = os.cpu_count() or 1
+    others = load - (threads if includes_own else 0)
+    if others > max(cores - threads, 0) + 1:
+        return (f'the machine is busy: load average {load:.2f} on {cores} '
+                f'cores with {threads} benchmark threads'
+                f'{" (ours included)" if includes_own else ""}; timings '
+                'are noisy')
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+class _RSSPeak:
+    """Samples the resident set size in a thread (CPU peak memory)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            with open('/proc/self/statm') as f:
+                return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+        except (OSError, ValueError, AttributeError):
+            return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.base = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def warm_up(fn: Callable[[], object],
+            warmup: int,
+            device: torch.device = torch.device('cpu'),
+            grad: bool = False) -> float:
+    """Run ``fn`` ``warmup`` times (at least once) and return the peak
+    memory in MB those runs took: CUDA: max allocated; CPU: the sampled peak
+    resident set size above the start.
+
+    The first runs are where the allocator (and ``torch.compile``) takes its
+    memory, so they are where it can be seen.
+
+    Example:
+        >>> warm_up(lambda: torch.ones(8).sum(), 1) >= 0
+        True
+    """
+    ctx = torch.enable_grad if grad else torch.inference_mode
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    with ctx(), _RSSPeak() as rss:
+        for _ in range(max(warmup, 1)):
+            fn()
+        _sync(device)
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return max(rss.peak - rss.base, 0) / 2**20
+
+
+def time_interleaved(fns: Sequence[Callable[[], object]],
+                     iters: int,
+                     device: torch.device = torch.device('cpu'),
+                     grad: bool = False) -> List[List[float]]:
+    """Time ``iters`` runs of every callable, interleaved.
+
+    Round ``i`` runs each callable once, starting with callable ``i mod n``,
+    so a change in the machine's load during the run (a shared machine)
+    hits every row alike instead of whichever row ran at that moment, and
+    no row always runs right after the same other one. Runs under
+    ``torch.inference_mode`` unless ``grad``; CUDA work is synchronised
+    before each clock read.
+
+    Returns:
+        list: One list of ``iters`` times in ms per callable.
+
+    Example:
+        >>> times = time_interleaved([lambda: torch.ones(8).sum()] * 2, 3)
+        >>> [len(t) for t in times]
+        [3, 3]
+    """
+    ctx = torch.enable_grad if grad else torch.inference_mode
+    n = len(fns)
+    times: List[List[float]] = [[] for _ in range(n)]
+    with ctx():
+        _sync(device)
+        for i in range(iters):
+            for k in range(n):
+                j = (i + k) % n
+                start = time.perf_counter()
+                fns[j]()
+                _sync(device)
+                times[j].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, ``q`` in [0, 100].
+
+    Example:
+        >>> percentile([1, 2, 3, 4, 5], 10)
+        1.4
+    """
+    v = sorted(values)
+    if len(v) == 1:
+        return float(v[0])
+    pos = (len(v) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return float(v[lo] + (v[hi] - v[lo]) * (pos - lo))
+
+
+def measure_peak(device: torch.device = torch.device('cpu'),
+                 dtype: torch.dtype = torch.float32,
+                 seconds: float = 1.0) -> Dict[str, float]:
+    """A short probe of the achievable GFLOP/s: a square matmul and a
+    3x3 conv (channels_last), best of repeated runs.
+
+    Returns:
+        dict: ``matmul_gflops``, ``conv_gflops`` and ``peak_gflops`` (the
+        larger).
+
+    Example:
+        >>> peak = measure_peak(seconds=0.05)
+        >>> peak['peak_gflops'] > 0
+        True
+    """
+    n = 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    conv = nn.Conv2d(256, 256, 3, padding=1, bias=False).to(
+        device=device, dtype=dtype, memory_format=torch.channels_last)
+    x = torch.randn(1, 256, 56, 56, device=device, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    probes = {
+        'matmul_gflops': (lambda: a @ b, 2 * n**3),
+        'conv_gflops': (lambda: conv(x), 2 * 256 * 256 * 9 * 56 * 56),
+    }
+    out = {}
+    with torch.inference_mode():
+        for key, (fn, flops) in probes.items():
+            fn()
+            best, end = math.inf, time.perf_counter() + seconds / 2
+            while True:
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                best = min(best, time.perf_counter() - start)
+                if time.perf_counter() > end:
+                    break
+            out[key] = flops / best / 1e9
+    out['peak_gflops'] = max(out.values())
+    return out
+
+
+def count_complexity(model: nn.Module,
+                     x: torch.Tensor) -> Tuple[float, float]:
+    """Parameters (millions) and GMACs of one forward of ``x``, from
+    ``mmengine.analysis.get_model_complexity_info`` (its "flops" count one
+    multiply-add as one). NaN GMACs when the model cannot be traced.
+
+    Example:
+        >>> count_complexity(nn.Conv2d(3, 8, 1, bias=False),
+        ...                  torch.rand(1, 3, 10, 10))
+        (2.4e-05, 2.4e-06)
+    """
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    try:
+        import logging
+
+        from mmengine.analysis import get_model_complexity_info
+        from mmengine.logging import MMLogger
+        logger = MMLogger.get_current_instance()
+        level = logger.level
+        # NOTE: the analyzer warns about every op it cannot count (e.g.
+        # layer_norm, a negligible share of the MACs); keep the table clean.
+        logger.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                info = get_model_complexity_info(model, inputs=(x, ),
+                                                 show_table=False,
+                                                 show_arch=False)
+        finally:
+            logger.setLevel(level)
+        macs = info['flops'] / 1e9
+    except Exception:  # noqa: BLE001 - any tracer failure: no count
+        macs = math.nan
+    return params, macs

@@ -1,0 +1,303 @@
+"""A run: prepare every row of an architecture, time them interleaved, and
+fill in ratios, GFLOP/s and % of peak.
+"""
+import copy
+import dataclasses
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..deploy.engines import engine_tolerance
+from ..inference import (max_abs_difference, optimize_for_inference,
+                         tolerance_for)
+from .detector import _Detector
+from .measure import (busy_warning, count_complexity, load_average,
+                      measure_peak, percentile, time_interleaved, warm_up)
+from .schema import DTYPES, Result, Row, Settings
+
+
+class _WithNeck(nn.Module):
+    """Backbone + mmdet FPN (256 channels, 5 outputs)."""
+
+    def __init__(self, backbone: nn.Module, in_channels: Sequence[int],
+                 neck: Optional[nn.Module] = None):
+        super().__init__()
+        from mmdet.models.necks import FPN
+        self.backbone = backbone
+        self.neck = neck if neck is not None else FPN(
+            in_channels=list(in_channels), out_channels=256, num_outs=5)
+
+    def forward(self, x):
+        return tuple(self.neck(self.backbone(x)))
+
+
+def _out_channels(model: nn.Module, in_channels: int = 3) -> List[int]:
+    with torch.inference_mode():
+        outs = model(torch.rand(1, in_channels, 64, 64))
+    return [o.shape[1] for o in outs]
+
+
+def _prepare(module: nn.Module, settings: Settings, device, dtype):
+    module = module.to(device=device, dtype=dtype)
+    if settings.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
+                 eager_cache: Dict[str, nn.Module]
+                 ) -> Tuple[Callable[[], object], Result]:
+    """Build (or optimise) the row's model, check an optimised form against
+    fp32 eager, warm it up; return its step and a :class:`Result` without
+    times."""
+    device = torch.device(settings.device)
+    dtype = DTYPES[settings.dtype]
+    train = settings.mode == 'train'
+    note = ''
+    diff = math.nan
+    mem_format = 'channels_last' if settings.channels_last else 'contiguous'
+    row_dtype = settings.dtype
+    if row.form is None:
+        model = row.build(train=train)
+        if settings.mode == 'neck':
+            model = _WithNeck(model, _out_channels(model))
+        if not train:
+            model.eval()
+        else:
+            model.train()
+            if row.kind == 'peer' and not isinstance(
+                    getattr(model, 'frozen_stages', None), int):
+                note = 'no frozen_stages option: BN in eval only'
+                from ..layers import is_batch_norm
+                for m in model.modules():
+                    if is_batch_norm(m):
+                        m.eval()
+        model = _prepare(model, settings, device, dtype)
+        eager_cache[row.name] = model
+        run_x = x.contiguous(memory_format=torch.channels_last) \
+            if settings.channels_last else x
+    else:
+        if train:
+            raise ValueError('optimised forms are for inference; mode=train '
+                             'takes no forms')
+        ref = eager_cache[row.ref]
+        if settings.mode == 'neck':
+            target = ref.backbone
+        elif settings.mode == 'detector':
+            target = ref.detector.backbone
+        else:
+            target = ref
+        # NOTE: every form is made from, and checked against, the fp32
+        # eager backbone (a copy: the cached row keeps its dtype).
+        target = copy.deepcopy(target).float()
+        example = x[:1].float()
+        form = dict(row.form)
+        # NOTE: int8 rows are calibrated on random inputs: a speed figure,
+        # not an accuracy one (tools/deploy_eval.py measures accuracy).
+        if form.get('dtype') == 'int8':
+            gen = torch.Generator().manual_seed(0)
+            form['calibration'] = [torch.randn(example.shape, generator=gen)
+                                   for _ in range(8)]
+        fast = optimize_for_inference(target, example_input=example, **form)
+        engine = 'backend' in form
+        if settings.mode == 'neck':
+            model = _WithNeck(fast, (), neck=ref.neck)
+        elif settings.mode == 'detector':
+            detector = copy.deepcopy(ref.detector)
+            detector.backbone = fast
+            model = _Detector(detector)
+        else:
+            model = fast
+        with torch.inference_mode():
+            expected = target(example)
+            diff = max_abs_difference(expected, fast(example))
+            tol = engine_tolerance(fast.dtype, expected) if engine else \
+                tolerance_for(fast.dtype, expected)
+        if not diff <= tol:
+            note = f'max_abs_diff above tolerance {tol:.3g}'
+        if engine:
+            mem_format = fast.backend
+            row_dtype = fast.dtype
+        else:
+            mem_format = 'channels_last' if fast.channels_last else \
+                'contiguous'
+            row_dtype = 'bf16' if fast.dtype == torch.bfloat16 else 'fp32'
+        run_x = x
+
+    if train:
+        def step():
+            outs = model(run_x)
+            loss = sum(o.float().mean() for o in outs)
+            loss.backward()
+            for p in model.parameters():
+                p.grad = None
+    else:
+        def step():
+            return model(run_x)
+
+    mem = warm_up(step, settings.warmup, device=device, grad=train)
+    result = Result(
+        arch=row.arch, name=row.name, kind=row.kind, mode=settings.mode,
+        median_ms=math.nan, p10_ms=math.nan, p90_ms=math.nan,
+        images_per_s=math.nan, peak_mem_mb=mem,
+        max_abs_diff=diff, dtype=row_dtype, memory_format=mem_format,
+        threads=torch.get_num_threads(), batch=settings.batch,
+        height=settings.height, width=settings.width,
+        iters=settings.iters, note=note)
+    if settings.complexity and row.form is None:
+        params, macs = count_complexity(model.float(), x[:1].float())
+        model.to(dtype)
+        result.params_m = params
+        result.gmacs = macs * settings.batch
+    return step, result
+
+
+def _set_times(result: Result, times: Sequence[float]) -> None:
+    median = statistics.median(times)
+    result.median_ms = median
+    result.p10_ms = percentile(times, 10)
+    result.p90_ms = percentile(times, 90)
+    result.images_per_s = result.batch * 1e3 / median
+
+
+def _finish(results: List[Result], peaks: Dict[str, float]) -> None:
+    """Ratios, complexity of optimised rows, achieved GFLOP/s, % of the
+    peak of the row's dtype (``peaks``: dtype name -> GFLOP/s)."""
+    first: Dict[str, Result] = {}
+    by_name = {(r.arch, r.name): r for r in results}
+    for r in results:
+        first.setdefault(r.arch, r)
+        r.ratio_to_first = first[r.arch].median_ms / r.median_ms
+        if math.isnan(r.gmacs) and r.kind not in ('vb', 'peer'):
+            src = by_name.get((r.arch, r.name.rsplit(' ', 1)[0]))
+            if src is not None:
+                r.params_m, r.gmacs = src.params_m, src.gmacs
+        if r.mode == 'train':
+            # NOTE: a backward costs about twice the forward.
+            flops = 3 * 2 * r.gmacs
+        else:
+            flops = 2 * r.gmacs
+        r.gflops_per_s = flops / (r.median_ms / 1e3)
+        peak = peaks.get(r.dtype, math.nan)
+        r.pct_of_peak = 100 * r.gflops_per_s / peak if peak > 0 else math.nan
+
+
+def run_benchmark(rows: Sequence[Row],
+                  settings: Settings,
+                  progress: bool = True,
+                  log: Callable[[str], None] = print) -> Dict[str, object]:
+    """Time every row on the same input; return ``meta`` and ``rows``.
+
+    Args:
+        rows (Sequence[Row]): From :func:`make_rows` (or
+            :func:`detector_rows`).
+        settings (Settings): Input size, iterations, threads, dtype, mode.
+        progress (bool): Show a tqdm progress bar. Defaults to True.
+        log (callable): Where warnings go. Defaults to ``print``.
+
+    Returns:
+        dict: ``{'meta': {...}, 'rows': [Result, ...]}``.
+
+    Example:
+        >>> from vb_plugin.benchmark import make_rows
+        >>> out = run_benchmark(make_rows(['resnet18'], peers=False),
+        ...                     Settings(height=32, width=32, warmup=0,
+        ...                              iters=1, complexity=False),
+        ...                     progress=False, log=lambda s: None)
+        >>> [r.name for r in out['rows']]
+        ['VBResNet', 'VBResNet optimized']
+    """
+    settings.check()
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    device = torch.device(settings.device)
+    dtype = DTYPES[settings.dtype]
+    load_start = load_average()
+    warning = busy_warning(load_start, settings.threads)
+    if warning:
+        log(f'WARNING: {warning}')
+    # NOTE: each row's % of peak is of its own dtype's peak: bf16 runs at
+    # a multiple of the fp32 rate where the CPU has bf16 instructions.
+    peak = measure_peak(device, torch.float32)
+    peaks = {'fp32': peak['peak_gflops']}
+    if settings.dtype == 'bf16' or any(
+            (row.form or {}).get('dtype') == 'bf16' for row in rows):
+        peak_bf16 = measure_peak(device, torch.bfloat16)
+        peaks['bf16'] = peak_bf16['peak_gflops']
+    else:
+        peak_bf16 = None
+    x = torch.rand(settings.batch, 3, settings.height, settings.width,
+                   device=device, dtype=dtype)
+    results = []
+    groups: Dict[str, List[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.arch, []).append(row)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(rows) + len(groups), desc='benchmark',
+                   unit='step')
+    try:
+        for arch, group in groups.items():
+            # NOTE: all rows of an architecture are built and warmed up
+            # first, then timed together, interleaved (time_interleaved).
+            cache: Dict[str, nn.Module] = {}
+            prepared = []
+            for row in group:
+                if bar is not None:
+                    bar.set_postfix_str(f'{arch}: prepare {row.name}')
+                try:
+                    prepared.append(_prepare_row(row, settings, x, cache))
+                except Exception as err:  # noqa: BLE001 - keep the others
+                    log(f'WARNING: {row.arch}: {row.name} failed: '
+                        f'{type(err).__name__}: {err}')
+                    prepared.append((None, Result(
+                        arch=row.arch, name=row.name, kind=row.kind,
+                        mode=settings.mode, median_ms=math.nan,
+                        p10_ms=math.nan, p90_ms=math.nan,
+                        images_per_s=math.nan, threads=settings.threads,
+                        batch=settings.batch, height=settings.height,
+                        width=settings.width,
+                        note=f'failed: {type(err).__name__}: {err}'[:200])))
+                if bar is not None:
+                    bar.update(1)
+            timed = [(step, res) for step, res in prepared if step is not None]
+            if bar is not None:
+                bar.set_postfix_str(f'{arch}: timing {len(timed)} rows '
+                                    'interleaved')
+            load_before = load_average()
+            all_times = time_interleaved([step for step, _ in timed],
+                                         settings.iters, device=device,
+                                         grad=settings.mode == 'train')
+            load_after = load_average()
+            for (_, res), times in zip(timed, all_times):
+                _set_times(res, times)
+                res.load_before, res.load_after = load_before, load_after
+            results.extend(res for _, res in prepared)
+            del cache, prepared, timed
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    _finish(results, peaks)
+    load_end = load_average()
+    end_warning = busy_warning(load_end, settings.threads,
+                               includes_own=True)
+    if end_warning and not warning:
+        log(f'WARNING: {end_warning}')
+    meta = dict(
+        settings=dataclasses.asdict(settings),
+        torch=torch.__version__, python=platform.python_version(),
+        machine=platform.machine(), processor=platform.processor(),
+        cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
+        peak=peak, peak_bf16=peak_bf16, load_average_start=load_start,
+        load_average_end=load_end, busy_warning=warning or end_warning,
+        time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+    return dict(meta=meta, rows=results)
