@@ -316,3 +316,82 @@ def test_unknown_timm_model_is_a_value_error():
         bm.make_rows(['timm:resnet_nope'])
     assert str(err.value) == ("arch='timm:resnet_nope' is not valid: timm "
                               "has no model 'resnet_nope'")
+
+
+TOY = ROOT / 'configs/mask_rcnn/mask-rcnn_vb-r18_fpn_toy.py'
+
+
+def test_native_twin_detector_has_the_same_weights_and_losses():
+    native_row, vb_row = bm.detector_rows(str(TOY), forms=(), native=True)
+    assert (native_row.name, native_row.kind) == (
+        f'{TOY.stem} ResNet', 'peer')
+    native, vb = native_row.build(train=True), vb_row.build(train=True)
+    assert type(native.detector.backbone).__name__ == 'ResNet'
+    assert type(vb.detector.backbone).__name__ == 'VBResNet'
+    a, b = native.detector.state_dict(), vb.detector.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.rand(2, 3, 64, 96)
+    losses = []
+    for model in (native.train(), vb.train()):
+        torch.manual_seed(0)  # the RPN and RoI samplers draw at random
+        losses.append(torch.cat([t.reshape(-1) for t in model(x)]))
+    assert len(losses[0]) >= 5
+    assert (losses[0] - losses[1]).abs().max() <= 1e-5, losses
+
+
+def test_native_twin_needs_a_backbone_with_a_twin():
+    config = ROOT / 'configs/mask_rcnn/mask-rcnn_vb-convnext-atto_fpn_toy.py'
+    with pytest.raises(ValueError, match=r"model.backbone.type='VBConvNeXt' "
+                       r'has none \(twins: '):
+        bm.detector_rows(str(config), native=True)
+
+
+def test_detector_rows_refuse_an_unknown_part():
+    with pytest.raises(ValueError, match="part='neck' is not valid"):
+        bm.detector_rows(str(TOY), part='neck')
+
+
+def test_mmdet_configs_load_by_package_name():
+    from vb_plugin.apis import load_config
+    cfg = load_config('mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py')
+    assert cfg.model.backbone.type == 'ResNet'
+    assert bm.twin_config(cfg).model.backbone.type == 'VBResNet'
+
+
+@pytest.mark.parametrize('argv,names', [
+    (['--mode', 'detector-train', '--native', '--batch', '2'],
+     [f'{TOY.stem} ResNet', TOY.stem]),
+    (['--mode', 'detector', '--native', '--part', 'backbone+neck', '--forms',
+      'optimized', 'openvino'],
+     [f'{TOY.stem} ResNet', TOY.stem, f'{TOY.stem} optimized backbone+neck',
+      f'{TOY.stem} openvino backbone+neck']),
+])
+def test_cli_detector_modes_with_the_native_twin(tmp_path, argv, names):
+    out = _load_tool().main(argv + [
+        '--config', str(TOY), '--size', '64', '96', '--warmup', '0',
+        '--iters', '1', '--threads', '1', '--no-progress', '--out-dir',
+        str(tmp_path)])
+    rows = out['rows']
+    assert [r.name for r in rows] == names
+    assert all(not r.note and r.median_ms > 0 for r in rows), rows
+    # Same weights in both: the parameter counts are equal.
+    assert rows[0].params_m == rows[1].params_m > 0
+    for r in rows[2:]:
+        assert r.max_abs_diff <= 1e-4
+
+
+@pytest.mark.parametrize('mode', ['backbone', 'train'])
+def test_equal_code_gives_equal_peak_memory_whatever_its_place(mode):
+    # mmdet's ResNet and VBResNet run the same blocks; the first row used
+    # to absorb the process's growth (8x the others' figure).
+    from vb_plugin.benchmark.catalogue import _mmdet, _vb
+    rows = [bm.Row('r', 'VBResNet a', 'vb', _vb('VBResNet', depth=18)),
+            bm.Row('r', 'mmdet ResNet', 'peer', _mmdet('ResNet', depth=18)),
+            bm.Row('r', 'VBResNet b', 'vb', _vb('VBResNet', depth=18))]
+    out = bm.run_benchmark(rows, bm.Settings(
+        mode=mode, height=192, width=256, warmup=1, iters=1, threads=1,
+        complexity=False), progress=False, log=lambda s: None)
+    mems = [r.peak_mem_mb for r in out['rows']]
+    assert min(mems) > 0, mems
+    assert max(mems) <= 1.25 * min(mems), mems

@@ -337,3 +337,16 @@ def test_evaluate_forms_refuses_unknown_forms():
     with pytest.raises(ValueError, match=r"^form='tensorrt' is not valid; "
                        r"choose from \['optimized'"):
         evaluate_forms(Config.fromfile(TOY), forms=['tensorrt'])
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_backbone_with_neck_keeps_the_mode_of_its_parts(training):
+    from mmdet.models.necks import FPN
+    backbone = VBResNet(depth=18, base_channels=8).train(training)
+    neck = FPN(list(backbone.out_channels), 16, 5).train(training)
+    pair = BackboneWithNeck(backbone, neck)
+    assert pair.training is training
+    if not training:
+        engine_model(pair, backend='onnxruntime')
+        # The check ran the pair in eval mode and left every part as it was.
+        assert not any(m.training for m in pair.modules())

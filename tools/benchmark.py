@@ -14,6 +14,11 @@ Examples:
         --backbone-cfg "dict(type='VBConvNeXt', arch='small')"
     python tools/benchmark.py --mode detector \\
         --config configs/mask_rcnn/mask-rcnn_vb-r18_fpn_toy.py
+    python tools/benchmark.py --mode detector-train --native --batch 2 \\
+        --size 512 640 --config mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py
+    python tools/benchmark.py --mode detector --size 800 1216 --part \\
+        backbone+neck --forms optimized openvino onnxruntime-int8 \\
+        --config mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py
 """
 import argparse
 import sys
@@ -21,11 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vb_plugin.benchmark import (ARCHITECTURES, DTYPES, FORMS,  # noqa: E402
-                                 MODES, Settings, backbone_cfg,
+from vb_plugin.benchmark import (ARCHITECTURES, DETECTOR_MODES,  # noqa
+                                 DTYPES, FORMS, MODES, TRAIN_MODES,
+                                 Settings, backbone_cfg,
                                  detector_rows,
                                  format_table, make_rows, run_benchmark,
                                  summarize, write_outputs)
+from vb_plugin.deploy import PARTS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,13 +48,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    'may repeat')
     p.add_argument('--mode', default='backbone', choices=MODES,
                    help='backbone alone, backbone + FPN, a training step '
-                   '(forward + backward, frozen_stages=1, norm_eval) or a '
-                   'whole detector (--config)')
-    p.add_argument('--config', help='mmdet config, for --mode detector')
+                   '(forward + backward, frozen_stages=1, norm_eval), a '
+                   "whole detector's inference_detector call or its "
+                   'training step (losses + backward) (--config)')
+    p.add_argument('--config', help='mmdet config file or mmdet:: name, for '
+                   'the detector modes')
+    p.add_argument('--native', action='store_true',
+                   help="detector modes: time the config's detector with "
+                   "mmdet's own backbone (ResNet for VBResNet and back; same "
+                   'weights) first, next to the config as written')
+    p.add_argument('--part', default='backbone', choices=PARTS,
+                   help='detector modes: what a form replaces')
     p.add_argument('--forms', nargs='*', default=['optimized'],
                    choices=list(FORMS),
                    help='optimize_for_inference forms to add (default: '
-                   'optimized; none with --mode train)')
+                   'optimized; none in the training modes)')
     p.add_argument('--no-peers', action='store_true',
                    help='time the VB rows only')
     p.add_argument('--batch', type=int, default=1)
@@ -70,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    forms = [] if args.mode == 'train' else args.forms
+    forms = [] if args.mode in TRAIN_MODES else args.forms
     settings = Settings(
         mode=args.mode, batch=args.batch, height=args.size[0],
         width=args.size[1], warmup=args.warmup, iters=args.iters,
@@ -78,8 +93,9 @@ def main(argv=None) -> dict:
         channels_last=args.channels_last, device=args.device,
         config=args.config, complexity=not args.no_complexity)
     settings.check()
-    if args.mode == 'detector':
-        rows = detector_rows(args.config, forms)
+    if args.mode in DETECTOR_MODES:
+        rows = detector_rows(args.config, forms, native=args.native,
+                             part=args.part)
     else:
         archs = list(args.arch or ([] if args.backbone_cfg else
                                    ['resnet50']))

@@ -17,8 +17,17 @@ from .wiring import wire_model
 
 
 def load_config(config: str, cfg_options: Optional[dict] = None) -> Config:
-    """Read an mmdet config, importing its ``custom_imports`` (vb_plugin)."""
-    cfg = Config.fromfile(config)
+    """Read an mmdet config, importing its ``custom_imports`` (vb_plugin).
+
+    ``config`` is a file, or a config shipped in an installed package:
+    ``mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py`` (mmengine's
+    ``get_config``; nothing is downloaded).
+    """
+    if '::' in config:
+        from mmengine.hub import get_config
+        cfg = get_config(config)
+    else:
+        cfg = Config.fromfile(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     return cfg

@@ -23,19 +23,23 @@ peak), :mod:`.run` (a run), :mod:`.output` (files) and :mod:`.detector`
 from ..inference import FORMS, check_forms
 from .catalogue import (ARCHITECTURES, _importable, architecture,
                         backbone_cfg, make_rows)
-from .detector import detector_rows
+from .detector import NATIVE_TWINS, detector_rows, twin_config
 from .measure import (busy_warning, count_complexity, load_average,
-                      measure_peak, percentile, time_interleaved, warm_up)
+                      measure_peak, peak_memory, percentile,
+                      time_interleaved, warm_up)
 from .output import (TABLE_COLUMNS, format_table, plot_results, summarize,
                      write_outputs)
 from .run import run_benchmark
-from .schema import COLUMNS, DTYPES, MODES, Result, Row, Settings
+from .schema import (COLUMNS, DETECTOR_MODES, DTYPES, MODES, TRAIN_MODES,
+                     Result, Row, Settings)
 
 __all__ = [
-    'ARCHITECTURES', 'COLUMNS', 'DTYPES', 'FORMS', 'MODES', 'TABLE_COLUMNS',
-    'Result', 'Row', 'Settings', 'architecture', 'backbone_cfg',
-    'busy_warning', 'check_forms', 'count_complexity', 'detector_rows',
-    'format_table', 'load_average', 'make_rows', 'measure_peak',
-    'percentile', 'plot_results', 'run_benchmark', 'summarize',
-    'time_interleaved', 'warm_up', 'write_outputs', '_importable'
+    'ARCHITECTURES', 'COLUMNS', 'DETECTOR_MODES', 'DTYPES', 'FORMS',
+    'MODES', 'NATIVE_TWINS', 'TABLE_COLUMNS', 'TRAIN_MODES',
+    'architecture', 'backbone_cfg', 'busy_warning', 'check_forms',
+    'count_complexity', 'detector_rows', 'format_table', 'load_average',
+    'make_rows', 'measure_peak', 'peak_memory', 'percentile',
+    'plot_results', 'Result', 'Row', 'run_benchmark', 'Settings',
+    'summarize', 'time_interleaved', 'twin_config', 'warm_up',
+    'write_outputs', '_importable'
 ]

@@ -18,8 +18,9 @@ from ..inference import (max_abs_difference, optimize_for_inference,
                          tolerance_for)
 from .detector import _Detector
 from .measure import (busy_warning, count_complexity, load_average,
-                      measure_peak, percentile, time_interleaved, warm_up)
-from .schema import DTYPES, Result, Row, Settings
+                      measure_peak, peak_memory, percentile,
+                      time_interleaved, warm_up)
+from .schema import DTYPES, TRAIN_MODES, Result, Row, Settings
 
 
 class _WithNeck(nn.Module):
@@ -35,6 +36,14 @@ class _WithNeck(nn.Module):
 
     def forward(self, x):
         return tuple(self.neck(self.backbone(x)))
+
+    def form_target(self) -> nn.Module:
+        """The module a form replaces: the backbone."""
+        return self.backbone
+
+    def with_form(self, fast: nn.Module) -> '_WithNeck':
+        """The same neck after ``fast``."""
+        return _WithNeck(fast, (), neck=self.neck)
 
 
 def _out_channels(model: nn.Module, in_channels: int = 3) -> List[int]:
@@ -58,7 +67,7 @@ def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
     times."""
     device = torch.device(settings.device)
     dtype = DTYPES[settings.dtype]
-    train = settings.mode == 'train'
+    train = settings.mode in TRAIN_MODES
     note = ''
     diff = math.nan
     mem_format = 'channels_last' if settings.channels_last else 'contiguous'
@@ -71,8 +80,9 @@ def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
             model.eval()
         else:
             model.train()
-            if row.kind == 'peer' and not isinstance(
-                    getattr(model, 'frozen_stages', None), int):
+            frozen = getattr(model, 'frozen_stages', None)
+            if settings.mode == 'train' and row.kind == 'peer' and \
+                    not isinstance(frozen, int):
                 note = 'no frozen_stages option: BN in eval only'
                 from ..layers import is_batch_norm
                 for m in model.modules():
@@ -87,15 +97,12 @@ def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
             raise ValueError('optimised forms are for inference; mode=train '
                              'takes no forms')
         ref = eager_cache[row.ref]
-        if settings.mode == 'neck':
-            target = ref.backbone
-        elif settings.mode == 'detector':
-            target = ref.detector.backbone
-        else:
-            target = ref
+        # NOTE: a wrapper (backbone + neck, a detector) says which module a
+        # form replaces and how; a bare backbone is replaced whole.
+        target = ref.form_target() if hasattr(ref, 'form_target') else ref
         # NOTE: every form is made from, and checked against, the fp32
         # eager backbone (a copy: the cached row keeps its dtype).
-        target = copy.deepcopy(target).float()
+        target = copy.deepcopy(target).float().eval()
         example = x[:1].float()
         form = dict(row.form)
         # NOTE: int8 rows are calibrated on random inputs: a speed figure,
@@ -106,14 +113,7 @@ def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
                                    for _ in range(8)]
         fast = optimize_for_inference(target, example_input=example, **form)
         engine = 'backend' in form
-        if settings.mode == 'neck':
-            model = _WithNeck(fast, (), neck=ref.neck)
-        elif settings.mode == 'detector':
-            detector = copy.deepcopy(ref.detector)
-            detector.backbone = fast
-            model = _Detector(detector)
-        else:
-            model = fast
+        model = ref.with_form(fast) if hasattr(ref, 'with_form') else fast
         with torch.inference_mode():
             expected = target(example)
             diff = max_abs_difference(expected, fast(example))
@@ -141,16 +141,21 @@ def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
         def step():
             return model(run_x)
 
-    mem = warm_up(step, settings.warmup, device=device, grad=train)
+    warm_up(step, settings.warmup, device=device, grad=train)
     result = Result(
         arch=row.arch, name=row.name, kind=row.kind, mode=settings.mode,
         median_ms=math.nan, p10_ms=math.nan, p90_ms=math.nan,
-        images_per_s=math.nan, peak_mem_mb=mem,
+        images_per_s=math.nan,
         max_abs_diff=diff, dtype=row_dtype, memory_format=mem_format,
         threads=torch.get_num_threads(), batch=settings.batch,
         height=settings.height, width=settings.width,
         iters=settings.iters, note=note)
-    if settings.complexity and row.form is None:
+    # NOTE: no GMACs for a whole detector: its count depends on the
+    # detections, and the tracer cannot follow mmdet's inference call.
+    if settings.complexity and isinstance(model, _Detector) and \
+            row.form is None:
+        result.params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    elif settings.complexity and row.form is None:
         params, macs = count_complexity(model.float(), x[:1].float())
         model.to(dtype)
         result.params_m = params
@@ -178,7 +183,7 @@ def _finish(results: List[Result], peaks: Dict[str, float]) -> None:
             src = by_name.get((r.arch, r.name.rsplit(' ', 1)[0]))
             if src is not None:
                 r.params_m, r.gmacs = src.params_m, src.gmacs
-        if r.mode == 'train':
+        if r.mode in TRAIN_MODES:
             # NOTE: a backward costs about twice the forward.
             flops = 3 * 2 * r.gmacs
         else:
@@ -274,11 +279,15 @@ def run_benchmark(rows: Sequence[Row],
             load_before = load_average()
             all_times = time_interleaved([step for step, _ in timed],
                                          settings.iters, device=device,
-                                         grad=settings.mode == 'train')
+                                         grad=settings.mode in TRAIN_MODES)
             load_after = load_average()
-            for (_, res), times in zip(timed, all_times):
+            for (step, res), times in zip(timed, all_times):
                 _set_times(res, times)
                 res.load_before, res.load_after = load_before, load_after
+                # NOTE: after every row of the group ran: no row pays for
+                # the process's growth (see peak_memory).
+                res.peak_mem_mb = peak_memory(
+                    step, device=device, grad=settings.mode in TRAIN_MODES)
             results.extend(res for _, res in prepared)
             del cache, prepared, timed
             if bar is not None:

@@ -10,7 +10,11 @@ from torch import nn
 
 from ..inference import _DTYPES
 
-MODES = ('backbone', 'neck', 'train', 'detector')
+MODES = ('backbone', 'neck', 'train', 'detector', 'detector-train')
+#: Modes that time a forward and a backward.
+TRAIN_MODES = ('train', 'detector-train')
+#: Modes that time a whole detector built from ``Settings.config``.
+DETECTOR_MODES = ('detector', 'detector-train')
 #: The --dtype names: the short names of the inference path's table.
 DTYPES = {name: _DTYPES[name] for name in ('fp32', 'bf16')}
 #: CSV columns, in order (the JSON rows have the same keys).
@@ -94,8 +98,8 @@ class Settings:
         if self.mode not in MODES:
             raise ValueError(f'mode={self.mode!r} is not valid; choose from '
                              f'{MODES}')
-        if self.mode == 'detector' and not self.config:
-            raise ValueError("mode='detector' needs config (an mmdet "
+        if self.mode in DETECTOR_MODES and not self.config:
+            raise ValueError(f'mode={self.mode!r} needs config (an mmdet '
                              'config file), got None')
         if self.dtype not in DTYPES:
             raise ValueError(f'dtype={self.dtype!r} is not valid; choose '

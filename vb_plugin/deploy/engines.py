@@ -86,6 +86,9 @@ class BackboneWithNeck(nn.Module):
         self.neck = neck
         self.in_channels = getattr(backbone, 'in_channels', 3)
         self.size_divisor = getattr(backbone, 'size_divisor', 1)
+        # NOTE: the pair is in the backbone's mode (a new module is in
+        # training mode, and train()/eval() on it reach both parts).
+        self.train(backbone.training)
 
     def forward(self, x: torch.Tensor):
         return tuple(self.neck(self.backbone(x)))
