@@ -357,6 +357,12 @@ def test_mmdet_configs_load_by_package_name():
     cfg = load_config('mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py')
     assert cfg.model.backbone.type == 'ResNet'
     assert bm.twin_config(cfg).model.backbone.type == 'VBResNet'
+    rows = bm.detector_rows('mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+                            forms=['optimized'], native=True)
+    name = 'mask-rcnn_r50_fpn_1x_coco'
+    assert [(r.name, r.kind, r.ref) for r in rows] == [
+        (name, 'peer', None), (f'{name} VBResNet', 'vb', None),
+        (f'{name} optimized', 'optimized', name)]
 
 
 @pytest.mark.parametrize('argv,names', [

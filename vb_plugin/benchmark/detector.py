@@ -91,8 +91,9 @@ def detector_rows(config: str,
     Args:
         config (str): A config file or ``mmdet::`` name.
         forms (Sequence[str]): Names in :data:`vb_plugin.inference.FORMS`.
-        native (bool): Add the twin-backbone detector (same weights) as the
-            first row, so ratios are to it. Defaults to False.
+        native (bool): Add the twin-backbone detector (same weights); the
+            row with mmdet's backbone comes first, so ratios are to it.
+            Defaults to False.
         part (str): What a form replaces: 'backbone' or 'backbone+neck'.
 
     Example:
@@ -127,13 +128,20 @@ def detector_rows(config: str,
             return _Detector(detector, part)
         return build
 
-    rows = []
     if native:
+        # NOTE: mmdet's backbone first, so ratios are to it; the row built
+        # first keeps its random weights and the other loads them.
         twin = twin_config(cfg)
-        rows.append(Row('detector', f'{name} {twin.model.backbone.type}',
-                        'peer', builder(twin, keep=True)))
-    rows.append(Row('detector', name, 'vb', builder(cfg, keep=False)))
-    build = rows[-1].build
+        labelled = [(name, cfg), (f'{name} {twin.model.backbone.type}', twin)]
+        if not twin.model.backbone.type.startswith('VB'):
+            labelled.reverse()
+        rows = [Row('detector', label, 'peer' if i == 0 else 'vb',
+                    builder(c, keep=i == 0))
+                for i, (label, c) in enumerate(labelled)]
+    else:
+        rows = [Row('detector', name, 'vb', builder(cfg, keep=False))]
+    # NOTE: forms are made from the config's own detector.
+    build = next(r.build for r in rows if r.name == name)
     suffix = '' if part == 'backbone' else f' {part}'
     for form in forms:
         rows.append(Row('detector', f'{name} {form}{suffix}', form, build,
