@@ -183,7 +183,7 @@ def test_openvino_refuses_bicubic_resampling_of_position_embeddings():
 
 @pytest.mark.parametrize('kwargs,message', [
     (dict(backend='tensorrt'),
-     "backend='tensorrt' is not valid; use 'torch' or one of "
+     "backend='tensorrt' is not valid; use 'torch', 'auto' or one of "
      "['onnxruntime', 'openvino']"),
     (dict(backend='onnxruntime', dtype='bf16'),
      "dtype='bf16' is not valid for backend='onnxruntime'; use one of "
@@ -350,3 +350,76 @@ def test_backbone_with_neck_keeps_the_mode_of_its_parts(training):
         engine_model(pair, backend='onnxruntime')
         # The check ran the pair in eval mode and left every part as it was.
         assert not any(m.training for m in pair.modules())
+
+
+# ----------------------------------------------------------------------
+# backend='auto'
+@pytest.mark.parametrize('dtype,backends', [
+    ('fp32', ['onnxruntime', 'openvino', 'torch']),
+    ('bf16', ['openvino', 'torch']),
+    ('int8', ['onnxruntime', 'openvino']),
+])
+def test_auto_backend_returns_the_fastest_form_and_says_which(dtype,
+                                                              backends):
+    model = VBResNet(depth=18, base_channels=8).eval()
+    x = torch.rand(1, 3, 96, 128)
+    extra = dict(calibration=[torch.rand(1, 3, 96, 128) for _ in range(4)]
+                 ) if dtype == 'int8' else {}
+    fast = optimize_for_inference(model, backend='auto', dtype=dtype,
+                                  example_input=x, **extra)
+    choice = fast.auto_choice
+    medians = choice['median_ms']
+    assert sorted(medians) == backends and choice['skipped'] == {}
+    assert all(ms > 0 for ms in medians.values())
+    assert choice['backend'] == min(medians, key=medians.get)
+    assert (choice['dtype'], choice['input_shape']) == (dtype, (1, 3, 96,
+                                                                128))
+    # The module returned is the chosen backend's form, with the contract.
+    assert getattr(fast, 'backend', 'torch') == choice['backend']
+    assert fast.out_strides == model.out_strides
+    assert not fast.training
+    with torch.no_grad():
+        ref = model(x)
+    tol = engine_tolerance(dtype, ref) if hasattr(fast, 'backend') else \
+        tolerance_for(torch.bfloat16 if dtype == 'bf16' else torch.float32,
+                      ref)
+    assert max_abs_difference(ref, fast(x)) <= tol
+
+
+def test_auto_backend_leaves_out_a_backend_that_refuses_the_model():
+    vit = VBTimmBackbone('vit_tiny_patch16_224',
+                         model_kwargs=dict(depth=4, embed_dim=32,
+                                           num_heads=2)).eval()
+    fast = optimize_for_inference(vit, backend='auto')
+    choice = fast.auto_choice
+    assert sorted(choice['median_ms']) == ['onnxruntime', 'torch']
+    assert list(choice['skipped']) == ['openvino']
+    assert choice['skipped']['openvino'].startswith(
+        "ValueError: backend='openvino' cannot run VBTimmBackbone: its ONNX "
+        'graph has 1 bicubic Resize node(s)')
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(dtype='fp16'),
+     "dtype='fp16' is not valid for backend='auto'; use one of ['fp32', "
+     "'bf16', 'int8']"),
+    (dict(dtype='int8'),
+     "backend='auto' found no backend for dtype='int8': onnxruntime: "
+     "ValueError: dtype='int8' needs calibration"),
+])
+def test_auto_backend_errors(kwargs, message):
+    model = VBResNet(depth=18, base_channels=8).eval()
+    with pytest.raises(ValueError) as err:
+        optimize_for_inference(model, backend='auto', **kwargs)
+    assert str(err.value).startswith(message)
+
+
+def test_deploy_detector_refuses_backbone_and_neck_without_a_neck():
+    detector = toy_detector()
+    detector.neck = None
+    backbone = detector.backbone
+    with pytest.raises(ValueError) as err:
+        deploy_detector(detector, part='backbone+neck', backend='onnxruntime')
+    assert str(err.value) == ("part='backbone+neck' but the MaskRCNN has no "
+                              "neck; use part='backbone'")
+    assert detector.backbone is backbone  # nothing changed

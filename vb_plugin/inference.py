@@ -18,6 +18,7 @@ The result is checked against the fp32 eager module on an example input
 before it is returned (see ``check``).
 """
 import copy
+import statistics
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -69,6 +70,77 @@ def check_forms(forms) -> None:
         if form not in FORMS:
             raise ValueError(f'form={form!r} is not valid; choose from '
                              f'{list(FORMS)}')
+
+
+#: ``backend='auto'``: the backends tried for each dtype, in this order.
+AUTO_BACKENDS = {'fp32': ('torch', 'onnxruntime', 'openvino'),
+                 'bf16': ('torch', 'openvino'),
+                 'int8': ('onnxruntime', 'openvino')}
+
+
+def _dtype_name(dtype) -> str:
+    for name, value in _DTYPES.items():
+        if dtype is value:
+            return 'bf16' if value is torch.bfloat16 else 'fp32'
+    return dtype
+
+
+def _fastest_form(backbone: nn.Module, dtype, example_input, calibration,
+                  rounds: int = 5, **torch_options) -> nn.Module:
+    """``optimize_for_inference(backend='auto')``: build every backend of
+    :data:`AUTO_BACKENDS` for ``dtype``, time them interleaved on
+    ``example_input`` and return the fastest, with its choice recorded in
+    ``auto_choice`` and logged."""
+    from mmengine.logging import print_log
+
+    from .benchmark.measure import time_interleaved
+    name = _dtype_name(dtype)
+    if name not in AUTO_BACKENDS:
+        raise ValueError(f"dtype={dtype!r} is not valid for backend='auto'; "
+                         f'use one of {list(AUTO_BACKENDS)}')
+    if example_input is None:
+        example_input = _default_example(backbone, (129, 161))
+    forms: Dict[str, nn.Module] = {}
+    skipped: Dict[str, str] = {}
+    for backend in AUTO_BACKENDS[name]:
+        try:
+            if backend == 'torch':
+                forms[backend] = optimize_for_inference(
+                    backbone, dtype=name, example_input=example_input,
+                    **torch_options)
+            else:
+                forms[backend] = optimize_for_inference(
+                    backbone, backend=backend, dtype=name,
+                    example_input=example_input, calibration=calibration,
+                    check=torch_options.get('check', True))
+        except (ImportError, ValueError) as err:
+            # NOTE: a backend that is not installed or refuses the model
+            # (an export it cannot take, OpenVINO's cubic Resize) is left
+            # out, and the reason is reported.
+            skipped[backend] = f'{type(err).__name__}: {err}'
+    if not forms:
+        raise ValueError(f"backend='auto' found no backend for dtype="
+                         f'{name!r}: ' + '; '.join(
+                             f'{b}: {why}' for b, why in skipped.items()))
+    names = list(forms)
+    fns = [lambda m=forms[b]: m(example_input) for b in names]
+    time_interleaved(fns, 1)  # warm-up
+    medians = {b: statistics.median(t) for b, t in
+               zip(names, time_interleaved(fns, rounds))}
+    best = min(medians, key=medians.get)
+    chosen = forms.pop(best)
+    del forms
+    chosen.auto_choice = dict(backend=best, dtype=name,
+                              input_shape=tuple(example_input.shape),
+                              median_ms=medians, skipped=skipped)
+    print_log(f"optimize_for_inference(backend='auto'): {best} {name} is "
+              f'the fastest at input {tuple(example_input.shape)} ('
+              + ', '.join(f'{b} {ms:.1f} ms' for b, ms in
+                          sorted(medians.items(), key=lambda kv: kv[1]))
+              + ')' + ''.join(f'; {b} skipped ({why.splitlines()[0]})'
+                              for b, why in skipped.items()),
+              logger='current')
+    return chosen
 
 
 def _foldable_conv_types() -> Tuple[type, ...]:
@@ -368,7 +440,13 @@ def optimize_for_inference(backbone: nn.Module,
             :func:`vb_plugin.deploy.engine_model`; ``dtype`` then also takes
             'int8', which needs ``calibration``; ``fold_bn``,
             ``channels_last``, ``conv_mlp`` and ``compile`` do not apply:
-            the export folds BN and the engine picks its layouts).
+            the export folds BN and the engine picks its layouts), or
+            'auto': it builds every backend that can run ``dtype``
+            (:data:`AUTO_BACKENDS`; int8 needs ``calibration``), times them
+            interleaved on ``example_input`` (pass one at your deployment
+            size; default 1 x C x 129 x 161), returns the fastest and says
+            which: it is logged, and kept in the result's ``auto_choice``
+            (backend, medians in ms, backends skipped and why).
             Defaults to 'torch'.
         calibration (Iterable[torch.Tensor], optional): Input batches for
             int8 (engines only). Defaults to None.
@@ -396,11 +474,16 @@ def optimize_for_inference(backbone: nn.Module,
     if not isinstance(backbone, nn.Module):
         raise TypeError(f'backbone must be an nn.Module, got '
                         f'{type(backbone).__name__}')
+    if backend == 'auto':
+        return _fastest_form(backbone, dtype, example_input, calibration,
+                             fold_bn=fold_bn, channels_last=channels_last,
+                             conv_mlp=conv_mlp, compile=compile,
+                             check=check)
     if backend != 'torch':
         from .deploy import BACKENDS, engine_model
         if backend not in BACKENDS:
             raise ValueError(f'backend={backend!r} is not valid; use '
-                             f"'torch' or one of {list(BACKENDS)}")
+                             f"'torch', 'auto' or one of {list(BACKENDS)}")
         names = {torch.float32: 'fp32', torch.bfloat16: 'bf16'}
         return engine_model(backbone, backend=backend,
                             dtype=names.get(dtype, dtype),

@@ -112,7 +112,8 @@ def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
             form['calibration'] = [torch.randn(example.shape, generator=gen)
                                    for _ in range(8)]
         fast = optimize_for_inference(target, example_input=example, **form)
-        engine = 'backend' in form
+        # NOTE: an engine form (also what backend='auto' may pick).
+        engine = hasattr(fast, 'backend')
         model = ref.with_form(fast) if hasattr(ref, 'with_form') else fast
         with torch.inference_mode():
             expected = target(example)

@@ -408,11 +408,19 @@ def deploy_detector(detector: nn.Module,
 
     Returns:
         nn.Module: ``detector``, changed in place and in eval mode.
+
+    Raises:
+        ValueError: For an unknown ``part``, or 'backbone+neck' on a model
+            without a neck (nothing is changed then).
     """
     check_part(part)
-    detector.eval()
     neck = getattr(detector, 'neck', None)
-    if part == 'backbone+neck' and neck is not None:
+    if part == 'backbone+neck' and neck is None:
+        raise ValueError(f"part='backbone+neck' but the "
+                         f'{type(detector).__name__} has no neck; use '
+                         "part='backbone'")
+    detector.eval()
+    if part == 'backbone+neck':
         detector.backbone = engine_model(
             BackboneWithNeck(detector.backbone, neck), **kwargs)
         detector.neck = None
