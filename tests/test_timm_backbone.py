@@ -558,11 +558,26 @@ def test_a_model_with_a_size_divisor_names_it_at_forward():
                                             for s in model.out_strides]
 
 
-def test_a_model_of_one_input_size_is_a_value_error_naming_it():
+def test_a_model_of_one_input_size_is_refused_at_build_naming_it():
     """LeViT's attention biases are fixed to its 14x14 grid and timm offers
-    no option for other sizes: timm's RuntimeError becomes a ValueError
-    naming the size it takes."""
-    model = VBTimmBackbone('levit_128s').eval()
+    no option for other sizes: refused when built (a probe on the meta
+    device), with the size it takes and what to do."""
+    with pytest.raises(ValueError) as err:
+        VBTimmBackbone('levit_128s')
+    assert re.fullmatch(
+        r"model_name='levit_128s' takes only 224x224 inputs: at 288x352 "
+        r'timm fails \(RuntimeError: .*\) and offers it no option for other '
+        r'sizes\. Detection inputs vary in size: choose another model, or '
+        r'pass model_kwargs=dict\(img_size=\.\.\.\) to build it for the one '
+        r'size you will feed \(other sizes then raise at forward\)',
+        str(err.value)), str(err.value)
+
+
+def test_a_model_of_one_input_size_built_for_it_refuses_others_at_forward():
+    """With img_size given the user has chosen the one size: it builds, and
+    timm's RuntimeError at another size becomes a ValueError naming it."""
+    model = VBTimmBackbone('levit_128s',
+                           model_kwargs=dict(img_size=224)).eval()
     assert model.pretrained_input_size == (224, 224)
     with pytest.raises(ValueError, match=(
             r"^'levit_128s' cannot take a 256x320 input \(timm: "

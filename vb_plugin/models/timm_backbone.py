@@ -230,6 +230,10 @@ def _level_groups(features: nn.Module,
     return groups
 
 
+#: (model name, create keywords, in_channels) -> the one-input-size error
+#: of that model, or '' (the meta-device probe runs once per process).
+_ONE_SIZE_PROBES: Dict[tuple, str] = {}
+
 _SIZE_ERROR_HINTS = ('match', 'shape', 'size', 'Input height',
                      'Input image', 'divisible', 'invalid for input')
 
@@ -386,6 +390,8 @@ class VBTimmBackbone(VBBackbone):
             self._stage_groups[0] = first[own:]
         self._stage_groups = tuple(self._stage_groups)
         self._nhwc = str(getattr(full, 'output_fmt', 'NCHW')).endswith('NHWC')
+        if 'img_size' not in model_kwargs:
+            self._refuse_one_input_size(full)
         del full
 
         levels_out = [self.timm_levels[self.plan.output_level(k)]
@@ -471,6 +477,59 @@ class VBTimmBackbone(VBBackbone):
         self.pretrained_input_size = tuple(size) if isinstance(
             size, (tuple, list)) else (size, size)
         return _timm_levels(model)
+
+    def _refuse_one_input_size(self, full: nn.Module) -> None:
+        """Raise a ``ValueError`` now for a model that takes one input size
+        only (fixed position or attention biases, and no timm option for
+        others), instead of at its first forward at another size.
+
+        The extractor runs on the meta device (no memory, no compute) at
+        its pretraining size and at a larger, non-square one that is a
+        multiple of every divisor it states; a size error at the second
+        only means one size. Models that meta cannot run (or that were
+        built for real) are left to the forward's check. A user who passes
+        ``model_kwargs=dict(img_size=...)`` has chosen the one size and is
+        not refused.
+        """
+        key = (self.model_name, repr(sorted(self.create_kwargs.items())),
+               self.in_channels)
+        if key not in _ONE_SIZE_PROBES:
+            _ONE_SIZE_PROBES[key] = self._one_size_message(full)
+        if _ONE_SIZE_PROBES[key]:
+            raise ValueError(_ONE_SIZE_PROBES[key])
+
+    def _one_size_message(self, full: nn.Module) -> str:
+        """The build error for a model of one input size, or ''."""
+        param = next(full.parameters(), None)
+        if param is None or not param.is_meta:
+            return ''
+        native = tuple(self.pretrained_input_size)
+        step = max(32, self.size_divisor, self.input_pad)
+        probe = tuple(-(-(n + extra) // step) * step
+                      for n, extra in zip(native, (64, 128)))
+
+        def error_at(size) -> Optional[Exception]:
+            try:
+                with torch.no_grad():
+                    full.eval()(torch.empty(1, self.in_channels, *size,
+                                            device='meta'))
+            except Exception as err:  # noqa: BLE001 - classified below
+                return err
+            return None
+
+        if error_at(native) is not None:
+            return ''
+        err = error_at(probe)
+        if err is None or not _is_size_error(err):
+            return ''
+        reason = (str(err).splitlines() or [''])[0][:160]
+        return (
+            f'model_name={self.model_name!r} takes only {native[0]}x'
+            f'{native[1]} inputs: at {probe[0]}x{probe[1]} timm fails '
+            f'({type(err).__name__}: {reason}) and offers it no option for '
+            'other sizes. Detection inputs vary in size: choose another '
+            'model, or pass model_kwargs=dict(img_size=...) to build it for '
+            'the one size you will feed (other sizes then raise at forward)')
 
     def _resolve_pyramid(self, pyramid: Optional[str], levels: str,
                          levels_out: List[TimmLevel]) -> Optional[str]:
