@@ -68,9 +68,26 @@ MASK_RCNN_LOSSES = ('loss_rpn_cls', 'loss_rpn_bbox', 'loss_cls', 'loss_bbox',
                     'loss_mask', 'loss')
 
 
+def train_step_and_predict(model, batch, lr=0.01):
+    """One SGD training step with mmdet's losses, then one prediction.
+
+    Returns:
+        tuple: The logged losses of the step and the predicted data samples.
+    """
+    from mmengine.optim import OptimWrapper
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = OptimWrapper(torch.optim.SGD(params, lr=lr, momentum=0.9))
+    model.train()
+    losses = model.train_step(batch, optim)
+    model.eval()
+    with torch.no_grad():
+        preds = model.test_step(batch)
+    return losses, preds
+
+
 def checked_train_step(model, batch, frozen_prefixes=None):
     """One training step and a prediction of a Mask R-CNN
-    (:func:`vb_plugin.apis.train_step_and_predict`), checking what every
+    (:func:`train_step_and_predict`), checking what every
     family's config test checks: every Mask R-CNN loss is finite, backbone
     parameters with ``requires_grad=False`` are unchanged, and some trainable
     backbone parameter changed. With ``frozen_prefixes``, the frozen
@@ -80,7 +97,6 @@ def checked_train_step(model, batch, frozen_prefixes=None):
         tuple: ``(losses, preds, before)``, ``before`` being the backbone's
         parameters before the step.
     """
-    from vb_plugin.apis import train_step_and_predict
     backbone = model.backbone
     before = {n: p.detach().clone() for n, p in backbone.named_parameters()}
     frozen = [n for n, p in backbone.named_parameters()

@@ -16,9 +16,9 @@ import pytest
 import torch
 from mmengine.config import Config
 
+from conftest import train_step_and_predict
 from vb_plugin.apis import (build_detector, load_config,
-                            synthetic_detection_batch, train_step_and_predict,
-                            wire_neck_channels)
+                            synthetic_detection_batch, wire_neck_channels)
 from vb_plugin.datasets import TOY_CLASSES, make_toy_coco
 
 ROOT = Path(__file__).resolve().parents[1]
