@@ -17,6 +17,7 @@ Everything that cuts across families is here, written once:
   converting loader in :mod:`vb_plugin.weights`.
 """
 import copy
+import inspect
 import numbers
 from abc import ABCMeta, abstractmethod
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
@@ -111,6 +112,14 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
     :meth:`build_stem` and :meth:`build_stage`. This class builds what is
     needed, runs the forward pass and applies every cross-family option.
 
+    The contract options below are declared here only. A family's
+    ``__init__`` lists its architecture options and ends in ``**kwargs``,
+    which it passes on; its signature (``inspect.signature``, ``help()``)
+    then shows the contract options too, keyword-only, with these defaults.
+    A family that changes a default lists that option itself (VBConvNeXt's
+    ``out_norm_cfg``), and its default initialisation is the class
+    attribute :attr:`default_init_cfg`.
+
     Args:
         stage_channels (Sequence[int]): Output channels of every stage of the
             architecture (built or not).
@@ -150,6 +159,10 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
     #: :func:`vb_plugin.load_pretrained`; empty: the family loads none.
     weight_sources: Tuple['WeightSource', ...] = ()
 
+    #: The family's initialisation (mmengine init configs) when
+    #: ``init_cfg`` is None; None keeps each layer's own initialisation.
+    default_init_cfg: Optional[Tuple[dict, ...]] = None
+
     #: Regexes of state-dict keys a checkpoint may lack: layers that the
     #: source models do not have. They keep their initial values.
     new_layer_patterns: Tuple[str, ...] = (r'^out_norms\.',
@@ -164,7 +177,16 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
                  frozen_bn: bool = False,
                  out_norm_cfg: OptConfigType = None,
                  with_cp: bool = False,
-                 init_cfg=None) -> None:
+                 init_cfg=None,
+                 **unknown) -> None:
+        if unknown:
+            # NOTE: as Python words it, but naming the family the user built
+            # (its options reach here through **kwargs).
+            raise TypeError(f'{type(self).__name__}.__init__() got an '
+                            'unexpected keyword argument '
+                            f'{next(iter(unknown))!r}')
+        if init_cfg is None and self.default_init_cfg is not None:
+            init_cfg = copy.deepcopy(list(self.default_init_cfg))
         super().__init__(init_cfg=init_cfg)
         if len(stage_channels) != len(stage_strides):
             raise ValueError('stage_channels and stage_strides must have one '
@@ -199,6 +221,10 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
                 for i in self.out_indices
             })
         self._freeze()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        _publish_contract_options(cls)
 
     def stages_to_build(self) -> int:
         """How many stages to build: up to the last output. A family whose
@@ -469,3 +495,40 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
         Also run before pretrained weights are loaded, so layers that the
         checkpoint lacks (``new_layer_patterns``) get their intended values.
         """
+
+
+def _without_var_keyword(signature: inspect.Signature) -> inspect.Signature:
+    return signature.replace(parameters=[
+        p for p in signature.parameters.values()
+        if p.kind is not p.VAR_KEYWORD
+    ])
+
+
+# NOTE: VBBackbone's **unknown only turns a misspelt option into Python's
+# TypeError naming the family; it is not an option.
+VBBackbone.__init__.__signature__ = _without_var_keyword(
+    inspect.signature(VBBackbone.__init__))
+
+
+def _publish_contract_options(cls: type) -> None:
+    """Give a family's ``__init__(..., **kwargs)`` the signature a user sees:
+    its own options, then the contract options it passes to
+    :class:`VBBackbone` through ``**kwargs`` (keyword-only, with the base's
+    defaults). ``inspect.signature``, ``help()`` and docs/reference.md's
+    test then list every option of the family, declared once here."""
+    init = cls.__dict__.get('__init__')
+    if init is None:
+        return
+    signature = inspect.signature(init)
+    own = list(signature.parameters.values())
+    if not any(p.kind is p.VAR_KEYWORD for p in own):
+        return
+    own = list(_without_var_keyword(signature).parameters.values())
+    names = {p.name for p in own}
+    contract = [
+        p.replace(kind=p.KEYWORD_ONLY)
+        for name, p in inspect.signature(VBBackbone.__init__).parameters.items()
+        if name not in ('self', 'stage_channels', 'stage_strides')
+        and name not in names
+    ]
+    init.__signature__ = signature.replace(parameters=own + contract)

@@ -302,6 +302,10 @@ class VBConvNeXt(VBBackbone):
 
     arch_settings = CONVNEXT_ARCHS
     weight_sources = CONVNEXT_SOURCES
+    default_init_cfg = (
+        dict(type='TruncNormal', layer=['Conv2d', 'Linear'], std=.02, bias=0.),
+        dict(type='Constant', layer=['LayerNorm'], val=1., bias=0.),
+    )
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
@@ -311,13 +315,8 @@ class VBConvNeXt(VBBackbone):
                  drop_path_rate: float = 0.,
                  layer_scale_init_value: Optional[float] = None,
                  use_grn: Optional[bool] = None,
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 frozen_stages: int = -1,
-                 norm_eval: bool = False,
-                 frozen_bn: bool = False,
                  out_norm_cfg: OptConfigType = dict(type='LN2d', eps=1e-6),
-                 with_cp: bool = False,
-                 init_cfg=None) -> None:
+                 **kwargs) -> None:
         if version not in CONVNEXT_ARCHS:
             raise ValueError(f'version={version!r} is not valid; use '
                              f"{' or '.join(map(repr, CONVNEXT_ARCHS))}")
@@ -344,22 +343,11 @@ class VBConvNeXt(VBBackbone):
         self.layer_scale_init_value = float(layer_scale_init_value)
         self.use_grn = bool(use_grn)
         self.dp_rates = drop_path_rates(self.drop_path_rate, self.arch.depths)
-        if init_cfg is None:
-            init_cfg = [
-                dict(type='TruncNormal', layer=['Conv2d', 'Linear'], std=.02,
-                     bias=0.),
-                dict(type='Constant', layer=['LayerNorm'], val=1., bias=0.),
-            ]
         super().__init__(
             stage_channels=self.arch.channels,
             stage_strides=(4, 8, 16, 32),
-            out_indices=out_indices,
-            frozen_stages=frozen_stages,
-            norm_eval=norm_eval,
-            frozen_bn=frozen_bn,
             out_norm_cfg=out_norm_cfg,
-            with_cp=with_cp,
-            init_cfg=init_cfg)
+            **kwargs)
         self.fast_inference = False
 
     # ------------------------------------------------------------------

@@ -455,6 +455,7 @@ class VBRegNet(VBBackbone):
     """
 
     arch_settings = REGNET_ARCHS
+    default_init_cfg = CONV_BN_INIT_CFG
     weight_sources = REGNET_SOURCES
 
     def __init__(self,
@@ -464,13 +465,7 @@ class VBRegNet(VBBackbone):
                  conv_cfg: OptConfigType = None,
                  norm_cfg: dict = dict(type='BN', requires_grad=True),
                  zero_init_residual: bool = True,
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 frozen_stages: int = -1,
-                 norm_eval: bool = False,
-                 frozen_bn: bool = False,
-                 out_norm_cfg: OptConfigType = None,
-                 with_cp: bool = False,
-                 init_cfg=None) -> None:
+                 **kwargs) -> None:
         self.arch = resolve_arch(arch)
         check_int('in_channels', in_channels, minimum=1)
         check_int('stem_channels', stem_channels, minimum=1)
@@ -491,18 +486,10 @@ class VBRegNet(VBBackbone):
         # mmdet names the stem norm after its type: bn1, gn1, ...
         self.norm1_name = build_norm_layer(norm_cfg, stem_channels,
                                            postfix=1)[0]
-        if init_cfg is None:
-            init_cfg = copy.deepcopy(list(CONV_BN_INIT_CFG))
         super().__init__(
             stage_channels=stages.widths,
             stage_strides=[4 * 2**i for i in range(len(stages.widths))],
-            out_indices=out_indices,
-            frozen_stages=frozen_stages,
-            norm_eval=norm_eval,
-            frozen_bn=frozen_bn,
-            out_norm_cfg=out_norm_cfg,
-            with_cp=with_cp,
-            init_cfg=init_cfg)
+            **kwargs)
 
     def stem_module_names(self) -> Tuple[str, ...]:
         return ('conv1', self.norm1_name, 'relu')

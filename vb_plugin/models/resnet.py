@@ -126,6 +126,7 @@ class VBResNet(VBBackbone):
     """
 
     arch_settings = RESNET_ARCHS
+    default_init_cfg = CONV_BN_INIT_CFG
     weight_sources = RESNET_SOURCES
 
     def __init__(self,
@@ -145,13 +146,7 @@ class VBResNet(VBBackbone):
                  dcn: OptConfigType = None,
                  stage_with_dcn: Optional[Sequence[bool]] = None,
                  zero_init_residual: bool = True,
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 frozen_stages: int = -1,
-                 norm_eval: bool = False,
-                 frozen_bn: bool = False,
-                 out_norm_cfg: OptConfigType = None,
-                 with_cp: bool = False,
-                 init_cfg=None) -> None:
+                 **kwargs) -> None:
         if depth not in RESNET_ARCHS:
             raise ValueError(f'depth={depth!r} is not a ResNet depth; valid '
                              f'values are {sorted(RESNET_ARCHS)}')
@@ -210,18 +205,10 @@ class VBResNet(VBBackbone):
             stride *= self.strides[i]
             stage_channels.append(base_channels * 2**i * expansion)
             stage_strides.append(stride)
-        if init_cfg is None:
-            init_cfg = copy.deepcopy(list(CONV_BN_INIT_CFG))
         super().__init__(
             stage_channels=stage_channels,
             stage_strides=stage_strides,
-            out_indices=out_indices,
-            frozen_stages=frozen_stages,
-            norm_eval=norm_eval,
-            frozen_bn=frozen_bn,
-            out_norm_cfg=out_norm_cfg,
-            with_cp=with_cp,
-            init_cfg=init_cfg)
+            **kwargs)
 
     def stem_module_names(self) -> Tuple[str, ...]:
         if self.deep_stem:

@@ -319,12 +319,7 @@ class VBTimmBackbone(VBBackbone):
                  model_kwargs: Optional[dict] = None,
                  pyramid: Optional[str] = 'auto',
                  out_indices: Optional[Sequence[int]] = None,
-                 frozen_stages: int = -1,
-                 norm_eval: bool = False,
-                 frozen_bn: bool = False,
-                 out_norm_cfg: OptConfigType = None,
-                 with_cp: bool = False,
-                 init_cfg=None) -> None:
+                 **kwargs) -> None:
         _check_model_name(model_name)
         if levels not in LEVEL_MODES:
             raise ValueError(f'levels={levels!r} is not valid; use one of '
@@ -416,12 +411,7 @@ class VBTimmBackbone(VBBackbone):
             stage_channels=stage_channels,
             stage_strides=stage_strides,
             out_indices=out_indices,
-            frozen_stages=frozen_stages,
-            norm_eval=norm_eval,
-            frozen_bn=frozen_bn,
-            out_norm_cfg=out_norm_cfg,
-            with_cp=with_cp,
-            init_cfg=init_cfg)
+            **kwargs)
 
     # ------------------------------------------------------------------
     # timm models.
