@@ -300,7 +300,6 @@ class VBConvNeXt(VBBackbone):
         ((80, 320), (8, 32), 5)
     """
 
-    arch_settings = CONVNEXT_ARCHS
     weight_sources = CONVNEXT_SOURCES
     default_init_cfg = (
         dict(type='TruncNormal', layer=['Conv2d', 'Linear'], std=.02, bias=0.),

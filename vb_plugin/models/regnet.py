@@ -454,7 +454,6 @@ class VBRegNet(VBBackbone):
         ((8, 16, 24, 40), (16, 24))
     """
 
-    arch_settings = REGNET_ARCHS
     default_init_cfg = CONV_BN_INIT_CFG
     weight_sources = REGNET_SOURCES
 

@@ -125,7 +125,6 @@ class VBResNet(VBBackbone):
         ((128, 512), (8, 32))
     """
 
-    arch_settings = RESNET_ARCHS
     default_init_cfg = CONV_BN_INIT_CFG
     weight_sources = RESNET_SOURCES
 

@@ -1,0 +1,76 @@
+"""The places docs/adding_a_family.md says a family touches, checked for every
+registered family: a family missing from one of them fails here, by name.
+
+The families are found, not listed (``test_reference_docs.FAMILIES``: every
+concrete ``VBBackbone`` subclass registered in MODELS or defined in
+vb_plugin).
+"""
+import re
+from pathlib import Path
+
+import pytest
+from mmengine.registry import MODELS
+
+import vb_plugin
+import vb_plugin.models
+from backbone_cases import BACKBONE_CASES
+from test_reference_docs import FAMILIES, REFERENCE, option_table
+from vb_plugin.weights.rules import WeightSource
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKLIST = ROOT / 'docs' / 'adding_a_family.md'
+
+
+def checklist_places():
+    """The paths in the first column of the checklist's table."""
+    places = []
+    for line in CHECKLIST.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip('|').split('|')]
+        if len(cells) == 3 and cells[0].isdigit():
+            places += re.findall(r'`([^`]+)`', cells[1])
+    return places
+
+
+def test_checklist_names_existing_places():
+    places = checklist_places()
+    assert len(places) == 8, places
+    for place in places:
+        path = ROOT / place.replace('<family>.py', '')
+        assert path.exists(), f'docs/adding_a_family.md names {place}'
+
+
+@pytest.mark.parametrize('cls', FAMILIES, ids=lambda c: c.__name__)
+def test_family_is_in_every_place(cls):
+    name = cls.__name__
+    missing = []
+    if MODELS.get(name) is not cls:
+        missing.append('1: not registered in MODELS under its class name')
+    if cls.__module__.rpartition('.')[0] != 'vb_plugin.models':
+        missing.append(f'1: defined in {cls.__module__}, not in '
+                       'vb_plugin/models/<family>.py')
+    for module in (vb_plugin.models, vb_plugin):
+        if name not in module.__all__ or getattr(module, name) is not cls:
+            missing.append(f'2: not exported by {module.__name__}')
+    if name not in BACKBONE_CASES:
+        missing.append('4: no cases in tests/backbone_cases.py')
+    try:
+        option_table(REFERENCE.read_text(), name)
+    except ValueError as err:
+        missing.append(f'5: docs/reference.md: {err}')
+    pretrained = (ROOT / 'docs' / 'pretrained.md').read_text()
+    if not re.search(rf'^\| {name} \|', pretrained, re.M):
+        missing.append('6: no row in docs/pretrained.md')
+    configs = [p for p in (ROOT / 'configs').rglob('*.py')
+               if f"type='{name}'" in p.read_text()]
+    if not configs:
+        missing.append(f"7: no config in configs/ with type='{name}'")
+    assert not missing, f'{name}:\n  ' + '\n  '.join(missing)
+
+
+def test_every_family_declares_its_checkpoint_layouts():
+    """Item 3, on built backbones (VBTimmBackbone's layouts depend on the
+    instance): every family names at least one rule table."""
+    for name, cases in BACKBONE_CASES.items():
+        sources = MODELS.build(dict(type=name, **cases[0])).weight_sources
+        assert sources and all(isinstance(s, WeightSource)
+                                for s in sources), name
