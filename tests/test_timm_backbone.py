@@ -16,6 +16,7 @@ from conftest import checked_train_step, max_abs_diff
 from timm.layers import BatchNormAct2d
 from timm.models import adapt_input_conv
 
+import vb_plugin
 from vb_plugin import CheckpointError, VBTimmBackbone
 from vb_plugin.layers import (FrozenBatchNorm2d, FrozenBatchNormAct2d,
                               is_batch_norm)
@@ -504,6 +505,37 @@ def test_load_refuses_pickled_code(tmp_path):
     with pytest.raises(CheckpointError, match=r'refused to read .* with '
                        r'weights_only=True'):
         load_timm_pretrained(VBTimmBackbone('resnet10t'), path)
+
+
+def test_load_pretrained_takes_both_timm_layouts(tmp_path):
+    """vb_plugin.load_pretrained, the one pipeline of every family, loads a
+    timm-layout file (converted by timm's code) and a VBTimmBackbone state
+    dict; the backbone then computes what timm's extractor computes."""
+    full = timm.create_model('resnet10t')
+    path = tmp_path / 'timm.pth'
+    torch.save(full.state_dict(), path)
+    model = VBTimmBackbone('resnet10t')
+    report = vb_plugin.load_pretrained(model, path, verbose=False)
+    assert report.source == 'timm'
+    assert report.dropped == {
+        'classifier head and layers outside the features':
+        ['fc.weight', 'fc.bias']}
+    ref = timm_features('resnet10t', {}, path, (1, 2, 3, 4)).eval()
+    x = torch.rand(1, 3, 96, 160)
+    with torch.no_grad():
+        assert max_abs_diff(model.eval()(x), tuple(ref(x))) == 0
+    own = tmp_path / 'vb.pth'
+    torch.save({'state_dict': {f'backbone.{k}': v
+                               for k, v in model.state_dict().items()}}, own)
+    again = VBTimmBackbone('resnet10t')
+    report = vb_plugin.load_pretrained(again, own, verbose=False)
+    assert report.source == 'vb-timm' and report.prefix == 'backbone.'
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    with pytest.raises(CheckpointError, match=r"checkpoint layout not "
+                       r"recognised \(source='timm'\)"):
+        vb_plugin.load_pretrained(VBTimmBackbone('resnet10t'), own,
+                                  source='timm', verbose=False)
 
 
 def test_safetensors_file(tmp_path, save_state):

@@ -21,12 +21,15 @@ are timm's own, and maps timm's structure onto the contract:
 """
 import difflib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
 from timm.layers import PatchEmbed, to_2tuple
 from timm.models import model_entrypoint, split_model_name_tag
+from timm.models.efficientnet import EfficientNetFeatures
+from timm.models.hrnet import HighResolutionNetFeatures
+from timm.models.mobilenetv3 import MobileNetV3Features
 from mmengine.registry import MODELS
 from timm.models._features import (FeatureDictNet, FeatureGetterNet,
                                    FeatureHookNet)
@@ -37,6 +40,7 @@ from ..layers.pyramid import (PYRAMID_STRIDES, crop_to_stride,
                               pyramid_channels, pyramid_level,
                               resample_to_stride16)
 from ..weights.rules import WeightSource
+from ..weights.timm import TimmLayout
 from .base import OptConfigType, VBBackbone
 
 #: create_model keywords this family sets itself; ``model_kwargs`` must not.
@@ -214,8 +218,9 @@ def _level_groups(features: nn.Module,
     group ``j`` holds the modules after level ``j - 1``'s up to level
     ``j``'s own module."""
     chain, underscore = _chain(features)
-    if type(features).__name__ == 'HighResolutionNetFeatures':
-        return _hrnet_groups(chain, len(levels))
+    quirks = _quirks(features)
+    if quirks.level_groups is not None:
+        return quirks.level_groups(chain, len(levels))
     groups, start = [], 0
     for level in levels:
         hits = [p for p, e in enumerate(chain)
@@ -229,6 +234,58 @@ def _level_groups(features: nn.Module,
         start = hits[-1] + 1
     return groups
 
+
+def _prune_blocks(body: nn.Module, kept_groups: Sequence[str],
+                  levels: Sequence[int]) -> None:
+    """EfficientNet/MobileNetV3 extractors build every block; blocks after
+    the last output would get no gradient (DDP): cut them."""
+    keep = {n.split('.')[1] for n in kept_groups if n.startswith('blocks.')}
+    if keep:
+        body.blocks = body.blocks[:max(int(k) for k in keep) + 1]
+
+
+def _prune_hrnet(body: nn.Module, kept_groups: Sequence[str],
+                 levels: Sequence[int]) -> None:
+    """HRNet's extractor keeps the incre_module of every branch; those of
+    levels that are not outputs would get no gradient."""
+    if getattr(body, 'incre_modules', None) is None:
+        return
+    for i, _ in enumerate(body.incre_modules):
+        if i + 1 not in levels:
+            body.incre_modules[i] = nn.Identity()
+
+
+@dataclass(frozen=True)
+class _Quirks:
+    """What one kind of timm feature extractor needs beyond the generic
+    code: how its modules group into levels (None: in module order), and
+    what to remove after the last requested level (None: timm pruned it)."""
+    level_groups: Optional[Callable[[List[str], int], List[List[str]]]] = None
+    prune: Optional[Callable[[nn.Module, Sequence[str], Sequence[int]],
+                             None]] = None
+
+
+#: Quirks by timm's feature-extractor class (subclasses included).
+EXTRACTOR_QUIRKS: Dict[type, _Quirks] = {
+    HighResolutionNetFeatures: _Quirks(level_groups=_hrnet_groups,
+                                       prune=_prune_hrnet),
+    EfficientNetFeatures: _Quirks(prune=_prune_blocks),
+    MobileNetV3Features: _Quirks(prune=_prune_blocks),
+}
+
+
+def _quirks(features: nn.Module) -> _Quirks:
+    for cls in type(features).__mro__:
+        if cls in EXTRACTOR_QUIRKS:
+            return EXTRACTOR_QUIRKS[cls]
+    return _Quirks()
+
+
+#: A VBTimmBackbone's own state dict (keys under ``body.``).
+VB_TIMM_SOURCE = WeightSource(
+    name='vb-timm',
+    description='a VBTimmBackbone state dict (keys under body.)',
+    detect=r'^body\.')
 
 #: (model name, create keywords, in_channels) -> the one-input-size error
 #: of that model, or '' (the meta-device probe runs once per process).
@@ -403,10 +460,6 @@ class VBTimmBackbone(VBBackbone):
                 r'^pyramid\.', )
         if out_indices is None:
             out_indices = tuple(range(len(levels_out)))
-        self.weight_sources = (WeightSource(
-            name='vb-timm',
-            description='a VBTimmBackbone state dict (keys under body.)',
-            detect=r'^body\.'), )
         super().__init__(
             stage_channels=stage_channels,
             stage_strides=stage_strides,
@@ -415,9 +468,27 @@ class VBTimmBackbone(VBBackbone):
 
     # ------------------------------------------------------------------
     # timm models.
-    def _create(self, **kwargs) -> nn.Module:
-        return timm.create_model(self.model_name, pretrained=False,
+    @property
+    def weight_sources(self) -> Tuple[object, ...]:
+        """The timm model's layout (converted by timm's own code), then
+        this backbone's own state dict."""
+        return (TimmLayout(self), VB_TIMM_SOURCE)
+
+    def create_timm_model(self, pretrained: bool = False,
+                          **kwargs) -> nn.Module:
+        """The whole timm model this backbone wraps, with the options it was
+        built with (``kwargs`` added; ``pretrained`` as timm's: the weights
+        come from ``pretrained_cfg_overlay``, nothing downloads here)."""
+        return timm.create_model(self.model_name, pretrained=pretrained,
                                  **self.create_kwargs, **kwargs)
+
+    def timm_pretrained_cfg(self) -> dict:
+        """timm's pretrained config of the model (classifier name, class
+        count, input size), read from a model on the meta device."""
+        return dict(self._create_on_meta().pretrained_cfg)
+
+    def _create(self, **kwargs) -> nn.Module:
+        return self.create_timm_model(**kwargs)
 
     def _create_on_meta(self, **kwargs) -> nn.Module:
         try:
@@ -604,7 +675,7 @@ class VBTimmBackbone(VBBackbone):
         # has one and is not marked is_init (timm's HRNet features have
         # one): it would draw timm's init again, over a user's init_cfg.
         self.body.is_init = True
-        self._prune_unused()
+        self._prune_unused(indices)
         if self.with_cp:
             try:
                 # NOTE: FeatureGetterNet (ViT-style models) runs the model
@@ -621,21 +692,11 @@ class VBTimmBackbone(VBBackbone):
     def build_stage(self, i: int) -> None:
         pass
 
-    def _prune_unused(self) -> None:
-        body = self.body
-        last = self.num_built_stages - 1
-        if hasattr(body, 'blocks') and hasattr(body, '_stage_out_idx'):
-            # EfficientNet/MobileNetV3 extractors build every block; blocks
-            # after the last output would get no gradient (DDP).
-            keep = {n.split('.')[1] for n in self._stage_groups[last]
-                    if n.startswith('blocks.')}
-            if keep:
-                body.blocks = body.blocks[:max(int(k) for k in keep) + 1]
-        if type(body).__name__ == 'HighResolutionNetFeatures' and getattr(
-                body, 'incre_modules', None) is not None:
-            for i, _ in enumerate(body.incre_modules):
-                if i + 1 not in body._out_idx:
-                    body.incre_modules[i] = nn.Identity()
+    def _prune_unused(self, levels: Sequence[int]) -> None:
+        prune = _quirks(self.body).prune
+        if prune is not None:
+            prune(self.body, self._stage_groups[self.num_built_stages - 1],
+                  levels)
 
     def unbuilt_module_names(self) -> Tuple[str, ...]:
         names = dict(self.named_modules())
@@ -769,26 +830,6 @@ class VBTimmBackbone(VBBackbone):
 
     # ------------------------------------------------------------------
     # Weights.
-    def load_pretrained_init_cfg(self, cfg: dict) -> None:
-        """Load ``init_cfg`` 'Pretrained' strictly.
-
-        A checkpoint in this backbone's own layout (keys under ``body.``)
-        loads through :func:`vb_plugin.load_pretrained`; any other goes
-        through timm's pipeline, see :func:`vb_plugin.weights.timm.
-        load_timm_pretrained`. Both are strict and log a report.
-
-        Without a pretrained ``init_cfg``, :meth:`VBBackbone.init_weights`
-        keeps timm's own initialisation (the extractor is marked as
-        initialised when built) and applies any other ``init_cfg``, e.g.
-        ``dict(type='Kaiming', layer='Conv2d')``, with mmengine, as in every
-        family. The output norms keep their initial values (weight 1, bias
-        0), as the other families' default init gives them.
-        """
-        from ..weights.timm import load_timm_pretrained
-        load_timm_pretrained(self, cfg['checkpoint'],
-                             prefix=cfg.get('prefix'),
-                             source=cfg.get('source', 'auto'))
-
     def body_key_map(self,
                      keys: Optional[Sequence[str]] = None) -> Dict[str, str]:
         """Map this backbone's state-dict keys (or ``keys``, names under

@@ -131,9 +131,11 @@ def load_pretrained(model: nn.Module,
     dropped: Dict[str, List[str]] = {}
     state, prefix = _select_prefix(state, prefix, dropped)
     layout = select_source(sources, list(state), source)
-    converted, head = layout.convert(state)
-    if head:
-        dropped['classifier head'] = head
+    try:
+        converted, head = layout.convert(state)
+    except CheckpointError as err:
+        raise CheckpointError(f'{checkpoint}: {err}') from err
+    dropped.update(layout.explain_dropped(head))
 
     target = model.state_dict()
     unbuilt = tuple(n + '.' for n in model.unbuilt_module_names())

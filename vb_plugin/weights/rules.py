@@ -32,6 +32,12 @@ class WeightSource:
         reshape (tuple): ``(pattern, fn)`` pairs applied to the value of
             every renamed key that matches ``pattern`` (e.g. a GRN gamma
             stored as (1, 1, 1, C)). The strict loader still checks shapes.
+        head_reason (str): How the load report names the dropped keys.
+
+    Any object with these attributes, ``matches(keys)``, ``convert(state)``
+    and ``explain_dropped(keys)`` is a layout for :func:`vb_plugin.load_pretrained`
+    (:class:`vb_plugin.weights.timm.TimmLayout` converts with timm's own
+    code).
 
     Example:
         >>> src = WeightSource('demo', 'a demo', detect=r'^fc\\.',
@@ -47,9 +53,14 @@ class WeightSource:
     aliases: Tuple[str, ...] = ()
     reshape: Tuple[Tuple[str, Callable[[torch.Tensor], torch.Tensor]],
                    ...] = ()
+    head_reason: str = 'classifier head'
 
     def matches(self, keys: Sequence[str]) -> bool:
         return any(re.search(self.detect, k) for k in keys)
+
+    def explain_dropped(self, keys: List[str]) -> Dict[str, List[str]]:
+        """The keys :meth:`convert` dropped, by reason (for the report)."""
+        return {self.head_reason: keys} if keys else {}
 
     def convert(self, state: Dict[str, torch.Tensor]
                 ) -> Tuple[Dict[str, torch.Tensor], List[str]]:

@@ -1,30 +1,26 @@
-"""Strict, explained loading of timm checkpoints into a VBTimmBackbone.
+"""The timm layout of a VBTimmBackbone: timm's own loading code as the
+converter of :func:`vb_plugin.load_pretrained`'s one pipeline.
 
 A checkpoint in a timm model's layout (as timm saves it, or any layout the
 model's ``checkpoint_filter_fn`` converts, such as the official ConvNeXt or
-Swin releases) goes through timm's own pretrained pipeline: the family's
+Swin releases) is converted by timm's own pretrained pipeline: the family's
 filter function, ``adapt_input_conv`` for ``in_channels != 3``, and a strict
 ``load_state_dict`` into the full model (classifier sized from the
-checkpoint). The result then moves tensor by tensor into timm's feature
-extractor inside the backbone, and a :class:`LoadReport` tells what was
-loaded and what was dropped (classifier head, unbuilt stages).
-
-The file itself is read by :func:`vb_plugin.weights.read_checkpoint`
-(``weights_only=True`` with a strict allow-list, or safetensors), not by
-timm, so the ``backbone.`` prefix of detector checkpoints is handled as for
-every other family.
+checkpoint). The full model's tensors are then renamed onto the backbone's
+keys (``body.*``); the rest of the pipeline (reading the file safely, the
+``backbone.`` prefix, the strict load, the :class:`LoadReport`) is the one
+every family uses.
 """
-import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from mmengine.logging import print_log
 from torch import nn
 
-from .io import CheckpointError, PathLike, extract_state_dict, read_checkpoint
-from .loader import LoadReport, _select_prefix, load_pretrained
+from .io import CheckpointError, PathLike
+from .loader import LoadReport, load_pretrained
 
 SOURCES = ('auto', 'timm', 'vb-timm')
+_OWN = ('body.', 'out_norms.')
 
 
 def _classifier_classes(state: Dict[str, torch.Tensor],
@@ -39,12 +35,99 @@ def _classifier_classes(state: Dict[str, torch.Tensor],
     return 0
 
 
+class TimmLayout:
+    """The checkpoint layout of the timm model a VBTimmBackbone wraps.
+
+    Recognised when some key is not the backbone's own (``body.*``,
+    ``out_norms.*``). Converted by timm itself (see the module docstring).
+
+    Args:
+        model (VBTimmBackbone): The backbone that the checkpoint is for.
+
+    Example:
+        >>> from vb_plugin import VBTimmBackbone
+        >>> layout = TimmLayout(VBTimmBackbone('resnet10t'))
+        >>> layout.matches(['conv1.0.weight']), layout.matches(['body.x'])
+        (True, False)
+    """
+    name = 'timm'
+    description = ("the timm model's own layout, or one its "
+                   'checkpoint_filter_fn converts (official releases)')
+    aliases: Tuple[str, ...] = ()
+    head_reason = 'classifier head and layers outside the features'
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def matches(self, keys: Sequence[str]) -> bool:
+        return not all(k.startswith(_OWN) for k in keys)
+
+    def _full_state(self, state: Dict[str, torch.Tensor]
+                    ) -> Dict[str, torch.Tensor]:
+        """``state`` loaded strictly into the full timm model by timm."""
+        model = self.model
+        pretrained_cfg = model.timm_pretrained_cfg()
+        # NOTE: timm loads strictly only when the model's classifier matches
+        # the checkpoint's. Its size is read under timm's classifier name; a
+        # layout that the filter function renames (official releases) is
+        # tried with the pretrained config's class count, then without a
+        # classifier.
+        found = _classifier_classes(state, pretrained_cfg)
+        candidates = [found] if found else list(dict.fromkeys(
+            [int(pretrained_cfg.get('num_classes') or 0), 0]))
+        errors = []
+        for num_classes in candidates:
+            try:
+                return model.create_timm_model(
+                    pretrained=True,
+                    # NOTE: source='' so that the in-memory state dict wins
+                    # over an 'hf-hub' source: nothing is ever downloaded.
+                    pretrained_cfg_overlay=dict(state_dict=dict(state),
+                                                num_classes=num_classes,
+                                                source=''),
+                    num_classes=num_classes).state_dict()
+            except RuntimeError as err:
+                errors.append(f'with a {num_classes}-class classifier: {err}')
+        raise CheckpointError(
+            f'nothing was loaded into VBTimmBackbone({model.model_name!r}); '
+            "timm's strict load into the full model failed\n"
+            + '\n'.join(errors))
+
+    def convert(self, state: Dict[str, torch.Tensor]
+                ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+        """The full model's tensors that the backbone has, under its keys
+        (``body.*``), and the other keys of the full model."""
+        full = self._full_state(state)
+        inverse = {timm: ours
+                   for ours, timm in self.model.body_key_map().items()}
+        converted = {inverse[k]: v for k, v in full.items() if k in inverse}
+        return converted, [k for k in full if k not in inverse]
+
+    def explain_dropped(self, keys: List[str]) -> Dict[str, List[str]]:
+        """Split the full model's unused keys into the classifier (and
+        whatever else is outside the features) and the unbuilt stages."""
+        model = self.model
+        probes = [f'{n}.weight' for n in model.unbuilt_module_names()]
+        unbuilt = tuple(v[:-len('weight')]
+                        for v in model.body_key_map(probes).values())
+        not_built = [k for k in keys if unbuilt and k.startswith(unbuilt)]
+        head = [k for k in keys if k not in set(not_built)]
+        out = {}
+        if head:
+            out[self.head_reason] = head
+        if not_built:
+            out['stage not built (past the last out_indices)'] = not_built
+        return out
+
+
 def load_timm_pretrained(model: nn.Module,
                          checkpoint: PathLike,
                          prefix: Optional[str] = None,
                          source: str = 'auto',
                          verbose: bool = True) -> LoadReport:
-    """Load a local checkpoint into a :class:`VBTimmBackbone`, strictly.
+    """:func:`vb_plugin.load_pretrained` for a :class:`VBTimmBackbone`, with
+    its two layouts named: 'timm' (:class:`TimmLayout`) or 'vb-timm' (a
+    VBTimmBackbone state dict, keys under ``body.``).
 
     Args:
         model (VBTimmBackbone): The backbone.
@@ -52,9 +135,7 @@ def load_timm_pretrained(model: nn.Module,
             ...).
         prefix (str, optional): Keep only keys under this prefix. Defaults
             to 'backbone.' when any key has it, else none.
-        source (str): 'auto', 'timm' (the timm model's own or
-            filter-convertible layout) or 'vb-timm' (a VBTimmBackbone state
-            dict, keys under ``body.``). Defaults to 'auto'.
+        source (str): 'auto', 'timm' or 'vb-timm'. Defaults to 'auto'.
         verbose (bool): Log the report. Defaults to True.
 
     Returns:
@@ -77,91 +158,5 @@ def load_timm_pretrained(model: nn.Module,
     if source not in SOURCES:
         raise CheckpointError(f'source={source!r} is not known for '
                               f'VBTimmBackbone; valid values are {SOURCES}')
-    state, container = extract_state_dict(read_checkpoint(checkpoint))
-    dropped: Dict[str, List[str]] = {}
-    state, prefix = _select_prefix(state, prefix, dropped)
-    own_layout = all(k.startswith('body.') or k.startswith('out_norms.')
-                     for k in state)
-    if source == 'vb-timm' or (source == 'auto' and own_layout):
-        return load_pretrained(model, checkpoint, source='vb-timm',
-                               prefix=prefix, verbose=verbose)
-
-    import timm
-    meta = model._create_on_meta()
-    pretrained_cfg = dict(meta.pretrained_cfg)
-    del meta
-    # NOTE: timm loads strictly only when the model's classifier matches the
-    # checkpoint's. Its size is read under timm's classifier name; a layout
-    # that the filter function renames (official releases) is tried with
-    # the pretrained config's class count, then without a classifier.
-    found = _classifier_classes(state, pretrained_cfg)
-    candidates = [found] if found else list(dict.fromkeys(
-        [int(pretrained_cfg.get('num_classes') or 0), 0]))
-    errors = []
-    for num_classes in candidates:
-        try:
-            full = timm.create_model(
-                model.model_name,
-                pretrained=True,
-                # NOTE: source='' so that the in-memory state dict wins
-                # over an 'hf-hub' source: nothing is ever downloaded.
-                pretrained_cfg_overlay=dict(state_dict=dict(state),
-                                            num_classes=num_classes,
-                                            source=''),
-                num_classes=num_classes,
-                **model.create_kwargs)
-            break
-        except RuntimeError as err:
-            errors.append(f'with a {num_classes}-class classifier: {err}')
-    else:
-        raise CheckpointError(
-            f'{checkpoint}: nothing was loaded into VBTimmBackbone('
-            f'{model.model_name!r}); timm\'s strict load into the full model '
-            'failed\n' + '\n'.join(errors))
-
-    source_state = full.state_dict()
-    key_map = model.body_key_map()
-    target = model.state_dict()
-    loaded, kept, missing, mismatched = [], [], [], []
-    new_state = dict(target)
-    for key, value in target.items():
-        src = key_map.get(key)
-        if src is None or src not in source_state:
-            if any(re.search(p, key) for p in model.new_layer_patterns):
-                kept.append(key)
-            else:
-                missing.append(f'{key} (timm {src})')
-            continue
-        if source_state[src].shape != value.shape:
-            mismatched.append(f'{key}: checkpoint '
-                              f'{tuple(source_state[src].shape)} vs model '
-                              f'{tuple(value.shape)}')
-            continue
-        new_state[key] = source_state[src]
-        loaded.append(key)
-    if missing or mismatched:
-        raise CheckpointError(
-            f'{checkpoint}: nothing was loaded into VBTimmBackbone('
-            f'{model.model_name!r}); the full timm model loaded, but its '
-            f'tensors do not cover the feature extractor: missing '
-            f'{missing[:8]}, wrong shape {mismatched[:8]}')
-    model.load_state_dict(new_state, strict=True)
-
-    used = {key_map[k] for k in loaded}
-    probes = [f'{n}.weight' for n in model.unbuilt_module_names()]
-    unbuilt = tuple(v[:-len('weight')]
-                    for v in model.body_key_map(probes).values())
-    rest = [k for k in source_state if k not in used]
-    not_built = [k for k in rest if unbuilt and k.startswith(unbuilt)]
-    head = [k for k in rest if k not in set(not_built)]
-    if head:
-        dropped['classifier head and layers outside the features'] = head
-    if not_built:
-        dropped['stage not built (past the last out_indices)'] = not_built
-    report = LoadReport(checkpoint=str(checkpoint), source='timm',
-                        prefix=prefix, container=container, loaded=loaded,
-                        kept_initial=kept, dropped=dropped)
-    if verbose:
-        print_log(str(report), logger='current')
-    return report
-
+    return load_pretrained(model, checkpoint, source=source, prefix=prefix,
+                           verbose=verbose)
