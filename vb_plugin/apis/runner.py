@@ -32,7 +32,7 @@ def setup_runner_config(cfg: Config,
 
     It also adds :class:`vb_plugin.engine.RNGStateHook`, so that a resumed
     run continues exactly as an uninterrupted one, and routes ``sync_bn``
-    through :class:`vb_plugin.layers.VBDistributedDataParallel` when the
+    through :class:`vb_plugin.engine.VBDistributedDataParallel` when the
     backbone has timm norm-act layers (mmengine's own conversion would drop
     their activations).
     """
@@ -63,59 +63,14 @@ def setup_runner_config(cfg: Config,
 
 
 def _setup_sync_bn(cfg: Config) -> None:
-    """Keep timm's norm-act layers whole under ``sync_bn``.
-
-    mmengine's Runner converts a distributed model for ``sync_bn`` with
-    ``mmengine.model.convert_sync_batchnorm``, which turns timm's
-    ``BatchNormAct2d`` into a plain ``SyncBatchNorm`` that never calls the
-    activation. When the backbone (built on the ``meta`` device) has such
-    layers, ``sync_bn`` moves into ``model_wrapper_cfg``: the Runner then
-    builds :class:`vb_plugin.layers.VBDistributedDataParallel`, which
-    converts with :func:`vb_plugin.layers.convert_sync_batchnorm` (timm's
-    ``SyncBatchNormAct`` for those layers, mmengine's conversion for the
-    others) and is otherwise mmengine's default wrapper. Other models are
-    left to mmengine.
-    """
-    from ..layers import norm_act_layers
-    from ..layers.sync_bn import SYNC_BN_IMPLEMENTATIONS
-    sync_bn = cfg.sync_bn
-    if sync_bn not in SYNC_BN_IMPLEMENTATIONS:
-        raise ValueError(f'sync_bn={sync_bn!r} is not valid; use one of '
-                         f'{SYNC_BN_IMPLEMENTATIONS}')
+    """:func:`vb_plugin.engine.route_sync_bn` with the config's backbone,
+    built on the meta device (the value of ``sync_bn`` is checked first)."""
+    from ..engine import check_sync_bn, route_sync_bn
+    check_sync_bn(cfg.sync_bn)
     if 'backbone' not in cfg.get('model', {}):
         return
     backbone_cfg, backbone = _meta_backbone(cfg)
-    layers = norm_act_layers(backbone)
-    if not layers:
-        return
-    found = (f'{backbone_cfg.type} has {len(layers)} timm norm-act layers '
-             f'(BatchNormAct2d, e.g. {layers[0]})')
-    if sync_bn != 'torch':
-        raise ValueError(
-            f'sync_bn={sync_bn!r}: {found}, and mmcv\'s SyncBatchNorm has no '
-            "form with an activation (it would drop theirs); use "
-            "sync_bn='torch', which converts them to timm's "
-            'SyncBatchNormAct')
-    wrapper = cfg.get('model_wrapper_cfg')
-    if wrapper is None:
-        # The arguments mmengine's Runner gives its default wrapper.
-        wrapper = dict(type='MMDistributedDataParallel',
-                       broadcast_buffers=False,
-                       find_unused_parameters=cfg.get(
-                           'find_unused_parameters', False))
-    wrapper_type = wrapper.get('type', 'MMDistributedDataParallel')
-    if wrapper_type not in ('MMDistributedDataParallel',
-                            'VBDistributedDataParallel'):
-        raise ValueError(
-            f'sync_bn={sync_bn!r} with model_wrapper_cfg type '
-            f'{wrapper_type!r}: {found}, whose activation mmengine\'s '
-            'conversion would drop. vb_plugin converts them in its '
-            'VBDistributedDataParallel (an MMDistributedDataParallel); use '
-            'that wrapper, or convert the model with '
-            'vb_plugin.layers.convert_sync_batchnorm in yours')
-    cfg.model_wrapper_cfg = dict(wrapper, type='VBDistributedDataParallel',
-                                 sync_bn=sync_bn)
-    cfg.pop('sync_bn')
+    route_sync_bn(cfg, backbone_cfg.type, backbone)
 
 
 def _setup_cpu_distributed(cfg: Config) -> None:

@@ -1,4 +1,5 @@
-"""SyncBN conversion that keeps timm's norm-act layers whole.
+"""SyncBN with timm's norm-act layers kept whole: the conversion, the DDP
+wrapper that applies it, and the config policy that routes ``sync_bn`` there.
 
 mmengine's Runner converts a model for ``sync_bn`` with
 :func:`mmengine.model.convert_sync_batchnorm`, which knows only torch's
@@ -11,10 +12,13 @@ converter (:func:`timm.layers.convert_sync_batchnorm`) makes them
 :func:`convert_sync_batchnorm` is mmengine's conversion with timm's for those
 layers, and :class:`VBDistributedDataParallel` applies it where the Runner
 applies mmengine's (after building the model, before wrapping it in DDP).
-:func:`vb_plugin.apis.setup_runner_config` (``tools/train.py``) routes
-``sync_bn`` through it when the backbone has such layers.
+:func:`route_sync_bn` (called by :func:`vb_plugin.apis.setup_runner_config`,
+``tools/train.py``) routes ``sync_bn`` through it when the backbone has such
+layers.
 """
 from typing import List
+
+from mmengine.config import Config
 
 from mmengine.model import MMDistributedDataParallel
 from mmengine.model import convert_sync_batchnorm as mmengine_convert
@@ -40,6 +44,18 @@ def norm_act_layers(module: nn.Module) -> List[str]:
     return [name for name, m in module.named_modules()
             if isinstance(m, BatchNormAct2d)
             and not isinstance(m, SyncBatchNormAct)]
+
+
+def check_sync_bn(implementation: str) -> None:
+    """Raise ``ValueError`` unless ``implementation`` is a ``sync_bn`` value
+    mmengine knows ('torch' or 'mmcv').
+
+    Example:
+        >>> check_sync_bn('torch')
+    """
+    if implementation not in SYNC_BN_IMPLEMENTATIONS:
+        raise ValueError(f'sync_bn={implementation!r} is not valid; use one '
+                         f'of {SYNC_BN_IMPLEMENTATIONS}')
 
 
 def convert_sync_batchnorm(module: nn.Module,
@@ -73,9 +89,7 @@ def convert_sync_batchnorm(module: nn.Module,
         >>> type(synced).__name__, torch.equal(synced(x), bn(x))
         ('SyncBatchNormAct', True)
     """
-    if implementation not in SYNC_BN_IMPLEMENTATIONS:
-        raise ValueError(f'sync_bn={implementation!r} is not valid; use one '
-                         f'of {SYNC_BN_IMPLEMENTATIONS}')
+    check_sync_bn(implementation)
     if isinstance(module, SyncBatchNormAct):
         return module
     if isinstance(module, BatchNormAct2d):
@@ -116,3 +130,68 @@ class VBDistributedDataParallel(MMDistributedDataParallel):
         if sync_bn is not None:
             module = convert_sync_batchnorm(module, sync_bn)
         super().__init__(module=module, **kwargs)
+
+
+def route_sync_bn(cfg: Config, backbone_type: str,
+                  backbone: nn.Module) -> None:
+    """Keep timm's norm-act layers whole under the config's ``sync_bn``.
+
+    mmengine's Runner converts a distributed model for ``sync_bn`` with
+    ``mmengine.model.convert_sync_batchnorm``, which turns timm's
+    ``BatchNormAct2d`` into a plain ``SyncBatchNorm`` that never calls the
+    activation. When ``backbone`` (built on the ``meta`` device) has such
+    layers, ``sync_bn`` moves into ``model_wrapper_cfg``: the Runner then
+    builds :class:`VBDistributedDataParallel`, which converts with
+    :func:`convert_sync_batchnorm` and is otherwise mmengine's default
+    wrapper. Other models are left to mmengine.
+
+    Args:
+        cfg (Config): The config; changed in place.
+        backbone_type (str): The backbone's ``type``, for messages.
+        backbone (nn.Module): The backbone, e.g. on the meta device.
+
+    Raises:
+        ValueError: On sync_bn='mmcv' with norm-act layers (it would drop
+            their activations), or another wrapper type than mmengine's
+            default or ours.
+
+    Example:
+        >>> from mmengine.config import Config
+        >>> cfg = Config(dict(sync_bn='torch'))
+        >>> route_sync_bn(cfg, 'X', nn.Sequential(BatchNormAct2d(4)))
+        >>> 'sync_bn' in cfg, cfg.model_wrapper_cfg['type']
+        (False, 'VBDistributedDataParallel')
+    """
+    sync_bn = cfg.sync_bn
+    check_sync_bn(sync_bn)
+    layers = norm_act_layers(backbone)
+    if not layers:
+        return
+    found = (f'{backbone_type} has {len(layers)} timm norm-act layers '
+             f'(BatchNormAct2d, e.g. {layers[0]})')
+    if sync_bn != 'torch':
+        raise ValueError(
+            f'sync_bn={sync_bn!r}: {found}, and mmcv\'s SyncBatchNorm has no '
+            "form with an activation (it would drop theirs); use "
+            "sync_bn='torch', which converts them to timm's "
+            'SyncBatchNormAct')
+    wrapper = cfg.get('model_wrapper_cfg')
+    if wrapper is None:
+        # The arguments mmengine's Runner gives its default wrapper.
+        wrapper = dict(type='MMDistributedDataParallel',
+                       broadcast_buffers=False,
+                       find_unused_parameters=cfg.get(
+                           'find_unused_parameters', False))
+    wrapper_type = wrapper.get('type', 'MMDistributedDataParallel')
+    if wrapper_type not in ('MMDistributedDataParallel',
+                            'VBDistributedDataParallel'):
+        raise ValueError(
+            f'sync_bn={sync_bn!r} with model_wrapper_cfg type '
+            f'{wrapper_type!r}: {found}, whose activation mmengine\'s '
+            'conversion would drop. vb_plugin converts them in its '
+            'VBDistributedDataParallel (an MMDistributedDataParallel); use '
+            'that wrapper, or convert the model with '
+            'vb_plugin.layers.convert_sync_batchnorm in yours')
+    cfg.model_wrapper_cfg = dict(wrapper, type='VBDistributedDataParallel',
+                                 sync_bn=sync_bn)
+    cfg.pop('sync_bn')
