@@ -10,6 +10,7 @@ import time
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -198,13 +199,7 @@ def percentile(values: Sequence[float], q: float) -> float:
         >>> percentile([1, 2, 3, 4, 5], 10)
         1.4
     """
-    v = sorted(values)
-    if len(v) == 1:
-        return float(v[0])
-    pos = (len(v) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return float(v[lo] + (v[hi] - v[lo]) * (pos - lo))
+    return float(np.percentile(values, q))
 
 
 def measure_peak(device: torch.device = torch.device('cpu'),

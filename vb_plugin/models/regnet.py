@@ -29,6 +29,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple, Union
 import torch
 from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.registry import MODELS
+from timm.layers import SEModule
 from torch import nn
 
 from ..layers import check_norm_cfg
@@ -312,27 +313,6 @@ def derive_stages(cfg: RegNetCfg) -> RegNetStages:
     return RegNetStages(tuple(widths), tuple(depths), tuple(groups))
 
 
-class SqueezeExcitation(nn.Module):
-    """RegNetY's squeeze-and-excitation: global average pool, 1x1 conv,
-    ReLU, 1x1 conv, sigmoid gate on the input.
-
-    Args:
-        channels (int): Channels of the gated feature map.
-        squeeze_channels (int): Channels of the bottleneck of the gate.
-    """
-
-    def __init__(self, channels: int, squeeze_channels: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Conv2d(channels, squeeze_channels, 1)
-        self.relu = nn.ReLU(inplace=True)
-        self.fc2 = nn.Conv2d(squeeze_channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = x.mean((2, 3), keepdim=True)
-        scale = self.fc2(self.relu(self.fc1(scale)))
-        return x * scale.sigmoid()
-
-
 class RegNetBottleneck(nn.Module):
     """RegNet residual bottleneck: 1x1, grouped 3x3 (with the stride),
     optional SE, 1x1; projection shortcut when the shape changes.
@@ -373,7 +353,7 @@ class RegNetBottleneck(nn.Module):
                                       stride=stride, padding=1,
                                       groups=width // group_w, bias=False)
         self.add_module(self.norm2_name, norm2)
-        self.se = SqueezeExcitation(width, se_channels) \
+        self.se = SEModule(width, rd_channels=se_channels) \
             if se_channels else None
         self.conv3 = build_conv_layer(conv_cfg, width, out_channels, 1,
                                       bias=False)
