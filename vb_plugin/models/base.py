@@ -355,9 +355,12 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
             x = cp.checkpoint(block, x, use_reentrant=False)
         return x
 
-    def stage_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Family hook: turn stage ``i``'s result into an NCHW output (e.g.
-        from NHWC). The next stage still receives the untouched ``x``."""
+    def stage_output(self, i: int, x: torch.Tensor,
+                     input_size: Tuple[int, int]) -> torch.Tensor:
+        """Family hook: turn stage ``i``'s raw map into its NCHW output (e.g.
+        from NHWC, or through a pyramid level) for an input of
+        ``input_size`` (H, W). The next stage still receives the untouched
+        map; the output norm is applied after."""
         return x
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -390,19 +393,32 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
         """How error messages name this backbone (its class name here)."""
         return type(self).__name__
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Return the feature maps of ``out_indices``, in stage order."""
-        self.check_input(x)
+    def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Family hook: the raw map of every stage in ``out_indices``, in
+        order. By default the stem and the built stages run as a chain (a
+        family whose network is not a chain, such as timm's extractors,
+        runs it its own way here)."""
         x = self.forward_stem(x)
-        outs = []
+        feats = []
         for i in range(self.num_built_stages):
             for module in self.stage_modules(i):
                 x = self._run(module, x)
             if i in self.out_indices:
-                out = self.stage_output(i, x)
-                if self.out_norm_cfg is not None:
-                    out = self.out_norms[str(i)](out)
-                outs.append(out)
+                feats.append(x)
+        return feats
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Return the feature maps of ``out_indices``, in stage order: the
+        input is checked, :meth:`forward_features` runs, then each map goes
+        through :meth:`stage_output` and its output norm."""
+        self.check_input(x)
+        input_size = tuple(x.shape[-2:])
+        outs = []
+        for i, feat in zip(self.out_indices, self.forward_features(x)):
+            out = self.stage_output(i, feat, input_size)
+            if self.out_norm_cfg is not None:
+                out = self.out_norms[str(i)](out)
+            outs.append(out)
         return tuple(outs)
 
     # ------------------------------------------------------------------

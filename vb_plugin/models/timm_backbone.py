@@ -717,8 +717,15 @@ class VBTimmBackbone(VBBackbone):
                          self.body.model.named_parameters(recurse=False))
         return ()
 
-    def stage_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 3, 1, 2).contiguous() if self._nhwc else x
+    def stage_output(self, i: int, x: torch.Tensor,
+                     input_size: Tuple[int, int]) -> torch.Tensor:
+        """NCHW, through the pyramid level when there is one, cropped to the
+        input's size at the stage's stride (undoing the input pad)."""
+        out = x.permute(0, 3, 1, 2).contiguous() if self._nhwc else x
+        if self.pyramid_kind is not None:
+            out = self.pyramid[str(i)](resample_to_stride16(
+                out, input_size, self.native_stride))
+        return crop_to_stride(out, input_size, self.stage_strides[i])
 
     def describe(self) -> str:
         """Error messages name the timm model."""
@@ -739,13 +746,10 @@ class VBTimmBackbone(VBBackbone):
                 self.input_pad = max(self.input_pad,
                                      int(max(to_2tuple(module.patch_size))))
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Return the feature maps of ``out_indices`` (NCHW), in order.
-
-        timm's extractor runs as timm runs it (its forward is not always a
-        chain of modules: HRNet branches, ViT tokens).
-        """
-        self.check_input(x)
+    def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """timm's extractor runs as timm runs it (its forward is not always
+        a chain of modules: HRNet branches, ViT tokens), on the input padded
+        to the patch size where the model needs it."""
         size = tuple(x.shape[-2:])
         pad = self.input_pad
         # NOTE: traced for ONNX, the pad is always recorded (its amounts
@@ -772,18 +776,9 @@ class VBTimmBackbone(VBBackbone):
         if isinstance(feats, dict):
             feats = list(feats.values())
         if self.pyramid_kind == 'simple':
+            # NOTE: every pyramid level is made from the last map.
             feats = [feats[-1]] * len(self.out_indices)
-        outs = []
-        for i, feat in zip(self.out_indices, feats):
-            out = self.stage_output(i, feat)
-            if self.pyramid_kind is not None:
-                out = self.pyramid[str(i)](resample_to_stride16(
-                    out, size, self.native_stride))
-            out = crop_to_stride(out, size, self.stage_strides[i])
-            if self.out_norm_cfg is not None:
-                out = self.out_norms[str(i)](out)
-            outs.append(out)
-        return tuple(outs)
+        return list(feats)
 
     # ------------------------------------------------------------------
     # Layer-wise learning-rate decay (ViT-style models).
