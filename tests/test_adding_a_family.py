@@ -21,6 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKLIST = ROOT / 'docs' / 'adding_a_family.md'
 
 
+def is_layout(source) -> bool:
+    """A layout of load_pretrained: a WeightSource rule table, or an object
+    with the same interface (VBTimmBackbone's TimmLayout)."""
+    return isinstance(source, WeightSource) or all(
+        hasattr(source, a) for a in ('name', 'aliases', 'description',
+                                      'matches', 'convert',
+                                      'explain_dropped', 'head_reason'))
+
+
 def checklist_places():
     """The paths in the first column of the checklist's table."""
     places = []
@@ -72,5 +81,6 @@ def test_every_family_declares_its_checkpoint_layouts():
     instance): every family names at least one rule table."""
     for name, cases in BACKBONE_CASES.items():
         sources = MODELS.build(dict(type=name, **cases[0])).weight_sources
-        assert sources and all(isinstance(s, WeightSource)
-                                for s in sources), name
+        assert sources, name
+        for source in sources:
+            assert is_layout(source), (name, source)

@@ -1,7 +1,8 @@
 """The backbone contract shared by every vb_plugin family.
 
-A family subclasses :class:`VBBackbone` and writes only its architecture: how
-to build the stem and stage ``i``, and under which attribute names they live.
+A family subclasses :class:`VBBackbone` and writes only its architecture:
+builders that return the stem's and stage ``i``'s modules by name, and the
+names of any stage's modules.
 Everything that cuts across families is here, written once:
 
 * ``out_indices``: 0..3 are the stride-4, 8, 16 and 32 stages (C2..C5);
@@ -20,7 +21,7 @@ import copy
 import inspect
 import numbers
 from abc import ABCMeta, abstractmethod
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils.checkpoint as cp
@@ -108,9 +109,11 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
     """Base class of every vb_plugin backbone.
 
     A family passes its per-stage channels and strides, then implements
-    :meth:`stem_module_names`, :meth:`stage_module_names`,
-    :meth:`build_stem` and :meth:`build_stage`. This class builds what is
-    needed, runs the forward pass and applies every cross-family option.
+    :meth:`build_stem` and :meth:`build_stage`, which return their modules
+    by name, and :meth:`stage_module_names`, which names the modules of any
+    stage, built or not. This class registers what is built (stages past
+    the last output are not), runs the forward pass and applies every
+    cross-family option.
 
     The contract options below are declared here only. A family's
     ``__init__`` lists its architecture options and ends in ``**kwargs``,
@@ -208,12 +211,19 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
         # unused parameters and no compute is wasted.
         self.num_built_stages = self.stages_to_build()
 
-        self.build_stem()
+        self._built_stem = self._add_modules(self.build_stem())
+        stage_names = []
         for i in range(self.num_built_stages):
-            self.build_stage(i)
-        self._stem_names = self.stem_module_names()
-        self._stage_names = tuple(
-            self.stage_module_names(i) for i in range(self.num_built_stages))
+            built = self._add_modules(self.build_stage(i))
+            names = tuple(self.stage_module_names(i))
+            if built and built != names:
+                raise TypeError(
+                    f'{type(self).__name__}.build_stage({i}) returned '
+                    f'{built}, but stage_module_names({i}) gives {names}: '
+                    'the two must name the same modules in the same order')
+            stage_names.append(names)
+        self._stem_names = tuple(self.stem_module_names())
+        self._stage_names = tuple(stage_names)
         if out_norm_cfg is not None:
             self.out_norms = nn.ModuleDict({
                 str(i): build_norm_layer(out_norm_cfg,
@@ -232,11 +242,46 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
         one) builds more."""
         return max(self.out_indices) + 1
 
+    def _add_modules(self, modules: Dict[str, nn.Module]) -> Tuple[str, ...]:
+        """Register a builder's modules under their names and return the
+        names. ``'name'`` becomes an attribute; ``'name.k'`` the item ``k``
+        of the list ``name`` (created on first use), which must come next.
+        """
+        for name, module in modules.items():
+            parent, _, leaf = name.rpartition('.')
+            if not parent:
+                self.add_module(name, module)
+                continue
+            container = self._modules.get(parent)
+            if container is None:
+                container = nn.ModuleList()
+                self.add_module(parent, container)
+            if not isinstance(container, nn.ModuleList) or '.' in parent \
+                    or leaf != str(len(container)):
+                raise TypeError(
+                    f'{type(self).__name__}: a builder returned {name!r}; '
+                    'names are a plain attribute or the next item of a '
+                    'list (e.g. stages.0, stages.1, ...)')
+            container.append(module)
+        return tuple(modules)
+
     # ------------------------------------------------------------------
     # What a family implements.
     @abstractmethod
-    def stem_module_names(self) -> Tuple[str, ...]:
-        """Dotted names of the stem's modules, in forward order."""
+    def build_stem(self) -> Dict[str, nn.Module]:
+        """The stem's modules, in forward order, by name (see
+        :meth:`_add_modules` for the names); the base registers them."""
+
+    @abstractmethod
+    def build_stage(self, i: int) -> Dict[str, nn.Module]:
+        """Stage ``i``'s modules, in forward order, by the names
+        :meth:`stage_module_names` gives; the base registers them (and
+        checks the names). A family that builds its whole network in the
+        stem (timm's extractors) returns ``{}``.
+
+        A stage that is an ``nn.Sequential`` of blocks gets per-block
+        activation checkpointing from ``with_cp``.
+        """
 
     @abstractmethod
     def stage_module_names(self, i: int) -> Tuple[str, ...]:
@@ -246,17 +291,10 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
         recognise checkpoint keys of stages that were not built.
         """
 
-    @abstractmethod
-    def build_stem(self) -> None:
-        """Create the stem's modules under :meth:`stem_module_names`."""
-
-    @abstractmethod
-    def build_stage(self, i: int) -> None:
-        """Create stage ``i``'s modules under :meth:`stage_module_names`.
-
-        A stage that is an ``nn.Sequential`` of blocks gets per-block
-        activation checkpointing from ``with_cp``.
-        """
+    def stem_module_names(self) -> Tuple[str, ...]:
+        """Dotted names of the stem's modules, in forward order: those
+        :meth:`build_stem` returned."""
+        return self._built_stem
 
     # ------------------------------------------------------------------
     # Metadata.

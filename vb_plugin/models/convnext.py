@@ -351,39 +351,35 @@ class VBConvNeXt(VBBackbone):
 
     # ------------------------------------------------------------------
     # Architecture.
-    def stem_module_names(self) -> Tuple[str, ...]:
-        return ('downsample_layers.0', )
-
     def stage_module_names(self, i: int) -> Tuple[str, ...]:
         return ('stages.0', ) if i == 0 else (f'downsample_layers.{i}',
                                               f'stages.{i}')
 
-    def build_stem(self) -> None:
+    def build_stem(self) -> Dict[str, nn.Module]:
         c0 = self.arch.channels[0]
-        self.downsample_layers = nn.ModuleList([
+        return {
+            'downsample_layers.0':
             nn.Sequential(
                 nn.Conv2d(self.in_channels, c0, kernel_size=4, stride=4),
                 build_norm_layer(self.norm_cfg, c0)[1])
-        ])
-        self.stages = nn.ModuleList()
+        }
 
-    def build_stage(self, i: int) -> None:
+    def build_stage(self, i: int) -> Dict[str, nn.Module]:
         channels = self.arch.channels
+        modules = {}
         if i > 0:
-            self.downsample_layers.append(
-                nn.Sequential(
-                    build_norm_layer(self.norm_cfg, channels[i - 1])[1],
-                    nn.Conv2d(channels[i - 1], channels[i], kernel_size=2,
-                              stride=2)))
-        self.stages.append(
-            nn.Sequential(*[
-                ConvNeXtBlock(channels[i], self.norm_cfg,
-                              drop_path_rate=rate,
-                              layer_scale_init_value=self
-                              .layer_scale_init_value,
-                              use_grn=self.use_grn)
-                for rate in self.dp_rates[i]
-            ]))
+            modules[f'downsample_layers.{i}'] = nn.Sequential(
+                build_norm_layer(self.norm_cfg, channels[i - 1])[1],
+                nn.Conv2d(channels[i - 1], channels[i], kernel_size=2,
+                          stride=2))
+        modules[f'stages.{i}'] = nn.Sequential(*[
+            ConvNeXtBlock(channels[i], self.norm_cfg,
+                          drop_path_rate=rate,
+                          layer_scale_init_value=self.layer_scale_init_value,
+                          use_grn=self.use_grn)
+            for rate in self.dp_rates[i]
+        ])
+        return modules
 
     # ------------------------------------------------------------------
     # Faster inference form.

@@ -470,22 +470,21 @@ class VBRegNet(VBBackbone):
             stage_strides=[4 * 2**i for i in range(len(stages.widths))],
             **kwargs)
 
-    def stem_module_names(self) -> Tuple[str, ...]:
-        return ('conv1', self.norm1_name, 'relu')
-
     def stage_module_names(self, i: int) -> Tuple[str, ...]:
         return (f'layer{i + 1}', )
 
-    def build_stem(self) -> None:
-        self.conv1 = build_conv_layer(self.conv_cfg, self.in_channels,
-                                      self.stem_channels, 3, stride=2,
-                                      padding=1, bias=False)
-        self.add_module(self.norm1_name,
-                        build_norm_layer(self.norm_cfg,
-                                         self.stem_channels)[1])
-        self.relu = nn.ReLU(inplace=True)
+    def build_stem(self) -> Dict[str, nn.Module]:
+        return {
+            'conv1':
+            build_conv_layer(self.conv_cfg, self.in_channels,
+                             self.stem_channels, 3, stride=2, padding=1,
+                             bias=False),
+            self.norm1_name:
+            build_norm_layer(self.norm_cfg, self.stem_channels)[1],
+            'relu': nn.ReLU(inplace=True),
+        }
 
-    def build_stage(self, i: int) -> None:
+    def build_stage(self, i: int) -> Dict[str, nn.Module]:
         in_channels = self.stem_channels if i == 0 \
             else self.stage_channels[i - 1]
         out_channels = self.stage_channels[i]
@@ -504,7 +503,7 @@ class VBRegNet(VBBackbone):
                     se_channels=int(round(block_in * self.arch.se_ratio)),
                     conv_cfg=self.conv_cfg,
                     norm_cfg=self.norm_cfg))
-        self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
+        return {f'layer{i + 1}': nn.Sequential(*blocks)}
 
     def load_hint(self, source: str) -> str:
         """torchvision rounds bottleneck widths its own way: its weights

@@ -13,7 +13,7 @@ BSD-3-Clause and Apache-2.0 licensed respectively.
 """
 import copy
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Type
+from typing import Dict, Optional, Sequence, Tuple, Type
 
 import torch
 from mmcv.cnn import build_conv_layer, build_norm_layer
@@ -209,15 +209,10 @@ class VBResNet(VBBackbone):
             stage_strides=stage_strides,
             **kwargs)
 
-    def stem_module_names(self) -> Tuple[str, ...]:
-        if self.deep_stem:
-            return ('stem', 'maxpool')
-        return ('conv1', self.norm1_name, 'relu', 'maxpool')
-
     def stage_module_names(self, i: int) -> Tuple[str, ...]:
         return (f'layer{i + 1}', )
 
-    def build_stem(self) -> None:
+    def build_stem(self) -> Dict[str, nn.Module]:
         half = self.stem_channels // 2
         if self.deep_stem:
             layers = []
@@ -230,18 +225,21 @@ class VBResNet(VBBackbone):
                     build_norm_layer(self.norm_cfg, cout)[1],
                     nn.ReLU(inplace=True)
                 ]
-            self.stem = nn.Sequential(*layers)
+            stem = {'stem': nn.Sequential(*layers)}
         else:
-            self.conv1 = build_conv_layer(self.conv_cfg, self.in_channels,
-                                          self.stem_channels, 7, stride=2,
-                                          padding=3, bias=False)
-            self.add_module(
-                self.norm1_name,
-                build_norm_layer(self.norm_cfg, self.stem_channels)[1])
-            self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            stem = {
+                'conv1':
+                build_conv_layer(self.conv_cfg, self.in_channels,
+                                 self.stem_channels, 7, stride=2, padding=3,
+                                 bias=False),
+                self.norm1_name:
+                build_norm_layer(self.norm_cfg, self.stem_channels)[1],
+                'relu': nn.ReLU(inplace=True),
+            }
+        return dict(stem, maxpool=nn.MaxPool2d(kernel_size=3, stride=2,
+                                               padding=1))
 
-    def build_stage(self, i: int) -> None:
+    def build_stage(self, i: int) -> Dict[str, nn.Module]:
         expansion = self.arch.block.expansion
         planes = self.base_channels * 2**i
         inplanes = (self.stem_channels
@@ -272,7 +270,7 @@ class VBResNet(VBBackbone):
             # the stage's stride and shortcut) is rebuilt, so module names
             # and parameter shapes stay those of mmdet's ResNet.
             layer[0] = res_layer(1, dilation // 2)[0]
-        self.add_module(f'layer{i + 1}', layer)
+        return {f'layer{i + 1}': layer}
 
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # NOTE: try costs nothing when nothing is raised (Python >= 3.11).

@@ -655,48 +655,49 @@ class VBTimmBackbone(VBBackbone):
     def stage_module_names(self, i: int) -> Tuple[str, ...]:
         return tuple(f'body.{n}' for n in self._stage_groups[i])
 
-    def build_stem(self) -> None:
-        # NOTE: timm's extractor is built whole, here, pruned by timm after
-        # the last requested level; build_stage has nothing left to do.
+    def build_stem(self) -> Dict[str, nn.Module]:
+        """timm's extractor, built whole and pruned after the last requested
+        level (by timm, and by :data:`EXTRACTOR_QUIRKS`), then the pyramid:
+        :meth:`stem_module_names` and :meth:`stage_module_names` name the
+        groups of the extractor's modules that make the stem and stages."""
         if self.pyramid_kind == 'simple':
             indices = (self.plan.output_level(self.num_stages - 1), )
         else:
             indices = tuple(self.plan.output_level(i)
                             for i in self.out_indices)
-        self.body = self._create_features(indices)
-        if self.pyramid_kind is not None:
-            width = self.timm_levels[indices[-1]].channels
-            self.pyramid = nn.ModuleDict({
-                str(i): pyramid_level(i, width, self.pyramid_kind)
-                for i in self.out_indices
-            })
+        body = self._create_features(indices)
         # NOTE: timm initialised the extractor when it built it. mmengine's
         # BaseModule.init_weights calls the init_weights of any child that
         # has one and is not marked is_init (timm's HRNet features have
         # one): it would draw timm's init again, over a user's init_cfg.
-        self.body.is_init = True
-        self._prune_unused(indices)
+        body.is_init = True
+        prune = _quirks(body).prune
+        if prune is not None:
+            prune(body, self._stage_groups[self.num_built_stages - 1],
+                  indices)
         if self.with_cp:
             try:
                 # NOTE: FeatureGetterNet (ViT-style models) runs the model
                 # itself: checkpointing is the model's own switch.
-                target = (self.body.model if isinstance(
-                    self.body, FeatureGetterNet) else self.body)
+                target = (body.model if isinstance(body, FeatureGetterNet)
+                          else body)
                 target.set_grad_checkpointing(True)
             except (AssertionError, AttributeError,
                     NotImplementedError) as err:
                 raise ValueError(
                     f'with_cp=True: timm does not support gradient '
                     f'checkpointing for {self.model_name!r} ({err})') from err
+        modules = {'body': body}
+        if self.pyramid_kind is not None:
+            width = self.timm_levels[indices[-1]].channels
+            modules['pyramid'] = nn.ModuleDict({
+                str(i): pyramid_level(i, width, self.pyramid_kind)
+                for i in self.out_indices
+            })
+        return modules
 
-    def build_stage(self, i: int) -> None:
-        pass
-
-    def _prune_unused(self, levels: Sequence[int]) -> None:
-        prune = _quirks(self.body).prune
-        if prune is not None:
-            prune(self.body, self._stage_groups[self.num_built_stages - 1],
-                  levels)
+    def build_stage(self, i: int) -> Dict[str, nn.Module]:
+        return {}  # built in build_stem
 
     def unbuilt_module_names(self) -> Tuple[str, ...]:
         names = dict(self.named_modules())
