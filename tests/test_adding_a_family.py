@@ -84,3 +84,55 @@ def test_every_family_declares_its_checkpoint_layouts():
         assert sources, name
         for source in sources:
             assert is_layout(source), (name, source)
+
+
+def _toy_family(stem_names, stage_names, built_names):
+    """A two-stage family whose builders return ``stem_names`` and
+    ``built_names(i)`` while ``stage_module_names(i)`` says
+    ``stage_names(i)``."""
+    from torch import nn
+
+    from vb_plugin.models import VBBackbone
+
+    class Toy(VBBackbone):
+
+        def __init__(self, **kwargs):
+            super().__init__(stage_channels=(4, 4), stage_strides=(4, 8),
+                             out_indices=(0, 1), **kwargs)
+
+        def build_stem(self):
+            return {n: nn.Conv2d(3 if k == 0 else 4, 4, 1)
+                    for k, n in enumerate(stem_names)}
+
+        def build_stage(self, i):
+            return {n: nn.Conv2d(4, 4, 1) for n in built_names(i)}
+
+        def stage_module_names(self, i):
+            return stage_names(i)
+
+    return Toy
+
+
+def test_builders_register_what_they_return():
+    Toy = _toy_family(('stem.0', 'stem.1'), lambda i: (f'stages.{i}', ),
+                      lambda i: (f'stages.{i}', ))
+    model = Toy(frozen_stages=0)
+    assert list(model._modules) == ['stem', 'stages']
+    assert model.stem_module_names() == ('stem.0', 'stem.1')
+    assert [n for n, m in model.named_modules() if not m.training] == [
+        'stem.0', 'stem.1']
+    assert not model.stem[1].weight.requires_grad
+    assert model.stages[1].weight.requires_grad
+    Toy = _toy_family(('conv',), lambda i: (f'layer{i + 1}', ),
+                      lambda i: (f'layer{i}', ))
+    with pytest.raises(TypeError, match=r"^Toy.build_stage\(0\) returned "
+                       r"\('layer0',\), but stage_module_names\(0\) gives "
+                       r"\('layer1',\): the two must name the same modules "
+                       r'in the same order$'):
+        Toy()
+    Toy = _toy_family(('stem.1', ), lambda i: (f'layer{i}', ),
+                      lambda i: (f'layer{i}', ))
+    with pytest.raises(TypeError, match=r"^Toy: a builder returned 'stem.1'; "
+                       r'names are a plain attribute or the next item of a '
+                       r'list \(e.g. stages.0, stages.1, ...\)$'):
+        Toy()
