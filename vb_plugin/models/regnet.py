@@ -36,7 +36,8 @@ from ..layers import check_norm_cfg
 from ..weights.regnet import REGNET_SOURCES
 from ..checks import check_int
 from .base import OptConfigType, VBBackbone
-from .common import CONV_BN_INIT_CFG, zero_init_norm
+from .common import (CONV_BN_INIT_CFG, conv_norm_relu_stem, stem_norm_name,
+                     zero_init_norm)
 
 #: Block widths are quantised to multiples of this (pycls ``QUANT``).
 WIDTH_QUANT = 8
@@ -462,9 +463,7 @@ class VBRegNet(VBBackbone):
         self.conv_cfg = copy.deepcopy(conv_cfg)
         self.norm_cfg = copy.deepcopy(norm_cfg)
         self.zero_init_residual = zero_init_residual
-        # mmdet names the stem norm after its type: bn1, gn1, ...
-        self.norm1_name = build_norm_layer(norm_cfg, stem_channels,
-                                           postfix=1)[0]
+        self.norm1_name = stem_norm_name(norm_cfg, stem_channels)
         super().__init__(
             stage_channels=stages.widths,
             stage_strides=[4 * 2**i for i in range(len(stages.widths))],
@@ -474,15 +473,9 @@ class VBRegNet(VBBackbone):
         return (f'layer{i + 1}', )
 
     def build_stem(self) -> Dict[str, nn.Module]:
-        return {
-            'conv1':
-            build_conv_layer(self.conv_cfg, self.in_channels,
-                             self.stem_channels, 3, stride=2, padding=1,
-                             bias=False),
-            self.norm1_name:
-            build_norm_layer(self.norm_cfg, self.stem_channels)[1],
-            'relu': nn.ReLU(inplace=True),
-        }
+        return conv_norm_relu_stem(self.conv_cfg, self.norm_cfg,
+                                   self.in_channels, self.stem_channels,
+                                   kernel_size=3)
 
     def build_stage(self, i: int) -> Dict[str, nn.Module]:
         in_channels = self.stem_channels if i == 0 \

@@ -26,7 +26,8 @@ from ..layers import check_norm_cfg
 from ..weights.resnet import RESNET_SOURCES
 from ..checks import check_int
 from .base import OptConfigType, VBBackbone
-from .common import CONV_BN_INIT_CFG, zero_init_norm
+from .common import (CONV_BN_INIT_CFG, conv_norm_relu_stem, stem_norm_name,
+                     zero_init_norm)
 
 
 #: mmcv's DeformConv2dPack (DCN v1) refuses maps smaller than its kernel.
@@ -189,9 +190,7 @@ class VBResNet(VBBackbone):
         self.norm_cfg = copy.deepcopy(norm_cfg)
         self.dcn = copy.deepcopy(dcn)
         self.zero_init_residual = zero_init_residual
-        # mmdet names the stem norm after its type: bn1, gn1, ...
-        self.norm1_name = build_norm_layer(norm_cfg, self.stem_channels,
-                                           postfix=1)[0]
+        self.norm1_name = stem_norm_name(norm_cfg, self.stem_channels)
         if dcn is not None:
             # NOTE: a checkpoint without DCN (e.g. ImageNet weights) has no
             # offset convs; they start at zero, i.e. as a plain conv.
@@ -227,15 +226,9 @@ class VBResNet(VBBackbone):
                 ]
             stem = {'stem': nn.Sequential(*layers)}
         else:
-            stem = {
-                'conv1':
-                build_conv_layer(self.conv_cfg, self.in_channels,
-                                 self.stem_channels, 7, stride=2, padding=3,
-                                 bias=False),
-                self.norm1_name:
-                build_norm_layer(self.norm_cfg, self.stem_channels)[1],
-                'relu': nn.ReLU(inplace=True),
-            }
+            stem = conv_norm_relu_stem(self.conv_cfg, self.norm_cfg,
+                                       self.in_channels, self.stem_channels,
+                                       kernel_size=7)
         return dict(stem, maxpool=nn.MaxPool2d(kernel_size=3, stride=2,
                                                padding=1))
 
