@@ -30,12 +30,12 @@ from .measure import (busy_warning, count_complexity, load_average,
 from .output import (TABLE_COLUMNS, format_table, plot_results, summarize,
                      write_outputs)
 from .run import run_benchmark
-from .schema import (COLUMNS, DETECTOR_MODES, DTYPES, MODES, TRAIN_MODES,
-                     Result, Row, Settings)
+from .schema import (COLUMNS, DETECTOR_MODES, DTYPES, MODE_SPECS, MODES,
+                     TRAIN_MODES, Mode, Result, Row, Settings)
 
 __all__ = [
     'ARCHITECTURES', 'COLUMNS', 'DETECTOR_MODES', 'DTYPES', 'FORMS',
-    'MODES', 'NATIVE_TWINS', 'TABLE_COLUMNS', 'TRAIN_MODES',
+    'MODE_SPECS', 'MODES', 'Mode', 'NATIVE_TWINS', 'TABLE_COLUMNS', 'TRAIN_MODES',
     'architecture', 'backbone_cfg', 'busy_warning', 'check_forms',
     'count_complexity', 'detector_rows', 'format_table', 'load_average',
     'make_rows', 'measure_peak', 'peak_memory', 'percentile',

@@ -20,7 +20,7 @@ from .detector import _Detector
 from .measure import (busy_warning, count_complexity, load_average,
                       measure_peak, peak_memory, percentile,
                       time_interleaved, warm_up)
-from .schema import DTYPES, TRAIN_MODES, Result, Row, Settings
+from .schema import DTYPES, MODE_SPECS, Result, Row, Settings
 
 
 class _WithNeck(nn.Module):
@@ -67,21 +67,21 @@ def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
     times."""
     device = torch.device(settings.device)
     dtype = DTYPES[settings.dtype]
-    train = settings.mode in TRAIN_MODES
+    train = settings.spec.train
     note = ''
     diff = math.nan
     mem_format = 'channels_last' if settings.channels_last else 'contiguous'
     row_dtype = settings.dtype
     if row.form is None:
         model = row.build(train=train)
-        if settings.mode == 'neck':
+        if settings.spec.neck:
             model = _WithNeck(model, _out_channels(model))
         if not train:
             model.eval()
         else:
             model.train()
             frozen = getattr(model, 'frozen_stages', None)
-            if settings.mode == 'train' and row.kind == 'peer' and \
+            if not settings.spec.detector and row.kind == 'peer' and \
                     not isinstance(frozen, int):
                 note = 'no frozen_stages option: BN in eval only'
                 from ..layers import is_batch_norm
@@ -184,7 +184,7 @@ def _finish(results: List[Result], peaks: Dict[str, float]) -> None:
             src = by_name.get((r.arch, r.name.rsplit(' ', 1)[0]))
             if src is not None:
                 r.params_m, r.gmacs = src.params_m, src.gmacs
-        if r.mode in TRAIN_MODES:
+        if MODE_SPECS[r.mode].train:
             # NOTE: a backward costs about twice the forward.
             flops = 3 * 2 * r.gmacs
         else:
@@ -280,7 +280,7 @@ def run_benchmark(rows: Sequence[Row],
             load_before = load_average()
             all_times = time_interleaved([step for step, _ in timed],
                                          settings.iters, device=device,
-                                         grad=settings.mode in TRAIN_MODES)
+                                         grad=settings.spec.train)
             load_after = load_average()
             for (step, res), times in zip(timed, all_times):
                 _set_times(res, times)
@@ -288,7 +288,7 @@ def run_benchmark(rows: Sequence[Row],
                 # NOTE: after every row of the group ran: no row pays for
                 # the process's growth (see peak_memory).
                 res.peak_mem_mb = peak_memory(
-                    step, device=device, grad=settings.mode in TRAIN_MODES)
+                    step, device=device, grad=settings.spec.train)
             results.extend(res for _, res in prepared)
             del cache, prepared, timed
             if bar is not None:

@@ -10,11 +10,38 @@ from torch import nn
 
 from ..inference import _DTYPES
 
-MODES = ('backbone', 'neck', 'train', 'detector', 'detector-train')
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What a ``--mode`` times.
+
+    Attributes:
+        name (str): The ``--mode`` value.
+        train (bool): A forward and a backward (else inference).
+        detector (bool): A whole detector built from ``Settings.config``
+            (else a backbone).
+        neck (bool): The backbone followed by an FPN neck.
+    """
+    name: str
+    train: bool = False
+    detector: bool = False
+    neck: bool = False
+
+
+#: Every mode, by name.
+MODE_SPECS = {m.name: m for m in (
+    Mode('backbone'),
+    Mode('neck', neck=True),
+    Mode('train', train=True),
+    Mode('detector', detector=True),
+    Mode('detector-train', train=True, detector=True),
+)}
+MODES = tuple(MODE_SPECS)
 #: Modes that time a forward and a backward.
-TRAIN_MODES = ('train', 'detector-train')
+TRAIN_MODES = tuple(n for n, m in MODE_SPECS.items() if m.train)
 #: Modes that time a whole detector built from ``Settings.config``.
-DETECTOR_MODES = ('detector', 'detector-train')
+DETECTOR_MODES = tuple(n for n, m in MODE_SPECS.items() if m.detector)
 #: The --dtype names: the short names of the inference path's table.
 DTYPES = {name: _DTYPES[name] for name in ('fp32', 'bf16')}
 #: CSV columns, in order (the JSON rows have the same keys).
@@ -94,11 +121,16 @@ class Settings:
     seed: int = 0
     complexity: bool = True
 
+    @property
+    def spec(self) -> Mode:
+        """The :class:`Mode` named by ``mode``."""
+        return MODE_SPECS[self.mode]
+
     def check(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f'mode={self.mode!r} is not valid; choose from '
                              f'{MODES}')
-        if self.mode in DETECTOR_MODES and not self.config:
+        if self.spec.detector and not self.config:
             raise ValueError(f'mode={self.mode!r} needs config (an mmdet '
                              'config file), got None')
         if self.dtype not in DTYPES:
