@@ -423,3 +423,40 @@ def test_deploy_detector_refuses_backbone_and_neck_without_a_neck():
     assert str(err.value) == ("part='backbone+neck' but the MaskRCNN has no "
                               "neck; use part='backbone'")
     assert detector.backbone is backbone  # nothing changed
+
+
+def _activation_scales(onnx_model: bytes):
+    """The scales of the per-tensor QuantizeLinear nodes (activations)."""
+    graph = onnx.load_from_string(onnx_model).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    return [float(inits[n.input[1]]) for n in graph.node
+            if n.op_type == 'QuantizeLinear' and n.input[1] in inits
+            and inits[n.input[1]].ndim == 0]
+
+
+def test_int8_calibration_method_per_engine():
+    """Each engine's int8 model is calibrated with its INT8_CALIBRATION
+    method (Percentile for ONNX Runtime, MinMax for OpenVINO: see
+    docs/deploy.md for the AP each gives)."""
+    from vb_plugin.deploy import INT8_CALIBRATION, quantize_int8
+    model = VBResNet(depth=18, base_channels=8).eval()
+    gen = torch.Generator().manual_seed(0)
+    calibration = [torch.randn(1, 3, 64, 96, generator=gen) for _ in range(4)]
+    fp32 = export_onnx(model, example_input=calibration[0]).model
+    expected = {m: _activation_scales(quantize_int8(fp32, calibration,
+                                                    method=m))
+                for m in ('MinMax', 'Percentile')}
+    assert len(expected['MinMax']) > 10
+    assert expected['MinMax'] != expected['Percentile']
+    assert INT8_CALIBRATION == {'onnxruntime': 'Percentile',
+                                'openvino': 'MinMax'}
+    for backend, method in INT8_CALIBRATION.items():
+        fast = engine_model(model, backend, 'int8', calibration=calibration,
+                            example_input=calibration[0])
+        assert _activation_scales(fast.export.model) == pytest.approx(
+            expected[method]), backend
+    with pytest.raises(ValueError) as err:
+        quantize_int8(fp32, calibration, method='minmax')
+    assert str(err.value) == ("method='minmax' is not valid; use one of "
+                              "['MinMax', 'Entropy', 'Percentile', "
+                              "'Distribution']")

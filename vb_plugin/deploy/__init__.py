@@ -5,8 +5,8 @@ onnxruntime, openvino); importing this package does not import them.
 See docs/deploy.md.
 """
 from .calibration import calibration_inputs
-from .engines import (BACKEND_DTYPES, BACKENDS, INT8_RELATIVE_TOLERANCE,
-                      PARTS, BackboneWithNeck, EngineModel, check_part,
+from .engines import (BACKEND_DTYPES, BACKENDS, INT8_CALIBRATION,
+                      INT8_RELATIVE_TOLERANCE, PARTS, BackboneWithNeck, EngineModel, check_part,
                       deploy_detector, engine_model, engine_tolerance,
                       quantize_int8)
 from .onnx_export import (DEFAULT_OPSET, ExportError, OnnxExport,
@@ -14,7 +14,8 @@ from .onnx_export import (DEFAULT_OPSET, ExportError, OnnxExport,
                           prepare_for_export)
 
 __all__ = [
-    'BACKENDS', 'BACKEND_DTYPES', 'DEFAULT_OPSET', 'INT8_RELATIVE_TOLERANCE',
+    'BACKENDS', 'BACKEND_DTYPES', 'DEFAULT_OPSET', 'INT8_CALIBRATION',
+    'INT8_RELATIVE_TOLERANCE',
     'PARTS', 'BackboneWithNeck', 'EngineModel', 'ExportError', 'OnnxExport',
     'calibration_inputs', 'check_part', 'deploy_detector', 'engine_model',
     'engine_tolerance', 'export_config', 'export_onnx', 'output_names',
