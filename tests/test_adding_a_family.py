@@ -130,9 +130,11 @@ def test_builders_register_what_they_return():
                        r"\('layer1',\): the two must name the same modules "
                        r'in the same order$'):
         Toy()
-    Toy = _toy_family(('stem.1', ), lambda i: (f'layer{i}', ),
-                      lambda i: (f'layer{i}', ))
-    with pytest.raises(TypeError, match=r"^Toy: a builder returned 'stem.1'; "
-                       r'names are a plain attribute or the next item of a '
-                       r'list \(e.g. stages.0, stages.1, ...\)$'):
-        Toy()
+    for bad in ('stem.1', 'stem.a.0'):
+        Toy = _toy_family((bad, ), lambda i: (f'layer{i}', ),
+                          lambda i: (f'layer{i}', ))
+        with pytest.raises(TypeError, match=rf"^Toy: a builder returned "
+                           rf"'{bad}'; names are a plain attribute or the "
+                           r'next item of a list \(e.g. stages.0, stages.1, '
+                           r'...\)$'):
+            Toy()

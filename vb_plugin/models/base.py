@@ -253,11 +253,11 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
                 self.add_module(name, module)
                 continue
             container = self._modules.get(parent)
-            if container is None:
+            if container is None and '.' not in parent:
                 container = nn.ModuleList()
                 self.add_module(parent, container)
-            if not isinstance(container, nn.ModuleList) or '.' in parent \
-                    or leaf != str(len(container)):
+            if not isinstance(container, nn.ModuleList) or \
+                    leaf != str(len(container)):
                 raise TypeError(
                     f'{type(self).__name__}: a builder returned {name!r}; '
                     'names are a plain attribute or the next item of a '
