@@ -474,12 +474,31 @@ class VBTimmBackbone(VBBackbone):
         this backbone's own state dict."""
         return (TimmLayout(self), VB_TIMM_SOURCE)
 
-    def create_timm_model(self, pretrained: bool = False,
+    def create_timm_model(self, state_dict: Optional[dict] = None,
                           **kwargs) -> nn.Module:
         """The whole timm model this backbone wraps, with the options it was
-        built with (``kwargs`` added; ``pretrained`` as timm's: the weights
-        come from ``pretrained_cfg_overlay``, nothing downloads here)."""
-        return timm.create_model(self.model_name, pretrained=pretrained,
+        built with (``kwargs`` added). With ``state_dict``, timm's own
+        pretrained pipeline loads it (the model's filter function,
+        ``adapt_input_conv``, a strict load); it replaces any hub source, so
+        nothing is downloaded.
+
+        Example:
+            >>> import timm
+            >>> m = VBTimmBackbone('resnet10t')
+            >>> sd = timm.create_model('resnet10t').state_dict()
+            >>> full = m.create_timm_model(state_dict=sd)
+            >>> bool((full.fc.weight == sd['fc.weight']).all())
+            True
+        """
+        if state_dict is None:
+            return timm.create_model(self.model_name, pretrained=False,
+                                     **self.create_kwargs, **kwargs)
+        # NOTE: source='' so that the in-memory state dict wins over an
+        # 'hf-hub' source of the pretrained config.
+        overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {},
+                       state_dict=dict(state_dict), source='')
+        return timm.create_model(self.model_name, pretrained=True,
+                                 pretrained_cfg_overlay=overlay,
                                  **self.create_kwargs, **kwargs)
 
     def timm_pretrained_cfg(self) -> dict:

@@ -79,12 +79,8 @@ class TimmLayout:
         for num_classes in candidates:
             try:
                 return model.create_timm_model(
-                    pretrained=True,
-                    # NOTE: source='' so that the in-memory state dict wins
-                    # over an 'hf-hub' source: nothing is ever downloaded.
-                    pretrained_cfg_overlay=dict(state_dict=dict(state),
-                                                num_classes=num_classes,
-                                                source=''),
+                    state_dict=state,
+                    pretrained_cfg_overlay=dict(num_classes=num_classes),
                     num_classes=num_classes).state_dict()
             except RuntimeError as err:
                 errors.append(f'with a {num_classes}-class classifier: {err}')
