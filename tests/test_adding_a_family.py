@@ -123,18 +123,29 @@ def test_builders_register_what_they_return():
         'stem.0', 'stem.1']
     assert not model.stem[1].weight.requires_grad
     assert model.stages[1].weight.requires_grad
-    Toy = _toy_family(('conv',), lambda i: (f'layer{i + 1}', ),
-                      lambda i: (f'layer{i}', ))
-    with pytest.raises(TypeError, match=r"^Toy.build_stage\(0\) returned "
-                       r"\('layer0',\), but stage_module_names\(0\) gives "
-                       r"\('layer1',\): the two must name the same modules "
-                       r'in the same order$'):
+
+
+def _layer(i):
+    return (f'layer{i}', )
+
+
+@pytest.mark.parametrize('stem,says,builds,message', [
+    (('conv', ), _layer, _layer, None),
+    (('conv', ), lambda i: _layer(i + 1), _layer,
+     r"^Toy.build_stage\(0\) returned \('layer0',\), but "
+     r"stage_module_names\(0\) gives \('layer1',\): the two must name "
+     r'the same modules in the same order$'),
+    (('stem.1', ), _layer, _layer,
+     r"^Toy: a builder returned 'stem.1'; names are a plain attribute or "
+     r'the next item of a list \(e.g. stages.0, stages.1, ...\)$'),
+    (('stem.a.0', ), _layer, _layer,
+     r"^Toy: a builder returned 'stem.a.0'; names are a plain attribute "
+     r'or the next item of a list \(e.g. stages.0, stages.1, ...\)$'),
+])
+def test_builders_names_are_checked(stem, says, builds, message):
+    Toy = _toy_family(stem, says, builds)
+    if message is None:
+        assert Toy()._stage_names == (('layer0', ), ('layer1', ))
+        return
+    with pytest.raises(TypeError, match=message):
         Toy()
-    for bad in ('stem.1', 'stem.a.0'):
-        Toy = _toy_family((bad, ), lambda i: (f'layer{i}', ),
-                          lambda i: (f'layer{i}', ))
-        with pytest.raises(TypeError, match=rf"^Toy: a builder returned "
-                           rf"'{bad}'; names are a plain attribute or the "
-                           r'next item of a list \(e.g. stages.0, stages.1, '
-                           r'...\)$'):
-            Toy()

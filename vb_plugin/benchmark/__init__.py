@@ -35,7 +35,8 @@ from .schema import (COLUMNS, DETECTOR_MODES, DTYPES, MODE_SPECS, MODES,
 
 __all__ = [
     'ARCHITECTURES', 'COLUMNS', 'DETECTOR_MODES', 'DTYPES', 'FORMS',
-    'MODE_SPECS', 'MODES', 'Mode', 'NATIVE_TWINS', 'TABLE_COLUMNS', 'TRAIN_MODES',
+    'MODE_SPECS', 'MODES', 'Mode', 'NATIVE_TWINS', 'TABLE_COLUMNS',
+    'TRAIN_MODES',
     'architecture', 'backbone_cfg', 'busy_warning', 'check_forms',
     'count_complexity', 'detector_rows', 'format_table', 'load_average',
     'make_rows', 'measure_peak', 'peak_memory', 'percentile',

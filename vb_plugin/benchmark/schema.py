@@ -11,7 +11,6 @@ from torch import nn
 from ..inference import _DTYPES
 
 
-
 @dataclass(frozen=True)
 class Mode:
     """What a ``--mode`` times.

@@ -6,9 +6,9 @@ See docs/deploy.md.
 """
 from .calibration import calibration_inputs
 from .engines import (BACKEND_DTYPES, BACKENDS, INT8_CALIBRATION,
-                      INT8_RELATIVE_TOLERANCE, PARTS, BackboneWithNeck, EngineModel, check_part,
-                      deploy_detector, engine_model, engine_tolerance,
-                      quantize_int8)
+                      INT8_RELATIVE_TOLERANCE, PARTS, BackboneWithNeck,
+                      EngineModel, check_part, deploy_detector, engine_model,
+                      engine_tolerance, quantize_int8)
 from .onnx_export import (DEFAULT_OPSET, ExportError, OnnxExport,
                           export_config, export_onnx, output_names,
                           prepare_for_export)

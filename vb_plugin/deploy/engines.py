@@ -273,8 +273,8 @@ def quantize_int8(onnx_model: bytes, calibration: Sequence[torch.Tensor],
         method (str): ONNX Runtime's calibration method for the
             activation ranges: 'MinMax', 'Percentile' (99.999th percentile
             of the absolute values), 'Entropy' or 'Distribution'. Defaults
-            to 'MinMax';
-            :func:`engine_model` uses :data:`INT8_CALIBRATION`.
+            to 'MinMax'; :func:`engine_model` uses
+            :data:`INT8_CALIBRATION`.
 
     Returns:
         bytes: The quantized ONNX model.
@@ -285,11 +285,11 @@ def quantize_int8(onnx_model: bytes, calibration: Sequence[torch.Tensor],
     from onnxruntime.quantization import (CalibrationDataReader,
                                           CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
     methods = [m.name for m in CalibrationMethod]
     if method not in methods:
         raise ValueError(f'method={method!r} is not valid; use one of '
                          f'{methods}')
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
 

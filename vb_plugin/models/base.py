@@ -574,14 +574,14 @@ def _publish_contract_options(cls: type) -> None:
     if init is None:
         return
     signature = inspect.signature(init)
-    own = list(signature.parameters.values())
-    if not any(p.kind is p.VAR_KEYWORD for p in own):
+    if not any(p.kind is p.VAR_KEYWORD
+               for p in signature.parameters.values()):
         return
     own = list(_without_var_keyword(signature).parameters.values())
     names = {p.name for p in own}
+    base = inspect.signature(VBBackbone.__init__).parameters
     contract = [
-        p.replace(kind=p.KEYWORD_ONLY)
-        for name, p in inspect.signature(VBBackbone.__init__).parameters.items()
+        p.replace(kind=p.KEYWORD_ONLY) for name, p in base.items()
         if name not in ('self', 'stage_channels', 'stage_strides')
         and name not in names
     ]

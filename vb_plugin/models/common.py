@@ -2,10 +2,7 @@
 initialisation, the zero-init of residual branches and the plain stem.
 
 Example:
-    >>> from typing import Dict, Optional
-
-from mmcv.cnn import build_conv_layer, build_norm_layer
-from torch import nn
+    >>> from torch import nn
     >>> bn = nn.BatchNorm2d(4)
     >>> zero_init_norm(bn)
     >>> float(bn.weight.abs().sum())

@@ -506,17 +506,14 @@ class VBTimmBackbone(VBBackbone):
         count, input size), read from a model on the meta device."""
         return dict(self._create_on_meta().pretrained_cfg)
 
-    def _create(self, **kwargs) -> nn.Module:
-        return self.create_timm_model(**kwargs)
-
     def _create_on_meta(self, **kwargs) -> nn.Module:
         try:
             with torch.device('meta'):
-                return self._create(**kwargs)
+                return self.create_timm_model(**kwargs)
         except (NotImplementedError, RuntimeError):
             # NOTE: a model whose __init__ computes with tensor values
             # cannot be built on the meta device; build it for real.
-            return self._create(**kwargs)
+            return self.create_timm_model(**kwargs)
 
     def _any_size_options(self, model_kwargs: dict) -> dict:
         """The first set of :data:`ANY_SIZE_OPTIONS` the model takes
@@ -526,7 +523,7 @@ class VBTimmBackbone(VBBackbone):
                 continue
             try:
                 with torch.device('meta'):
-                    self._create(**options)
+                    self.create_timm_model(**options)
             except TypeError:
                 continue
             except (NotImplementedError, RuntimeError):
@@ -647,7 +644,7 @@ class VBTimmBackbone(VBBackbone):
 
     def _create_features(self, timm_indices: Tuple[int, ...]) -> nn.Module:
         try:
-            return self._create(features_only=True,
+            return self.create_timm_model(features_only=True,
                                 out_indices=tuple(timm_indices))
         except (RuntimeError, AssertionError, TypeError,
                 NotImplementedError) as err:

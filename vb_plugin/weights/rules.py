@@ -35,9 +35,9 @@ class WeightSource:
         head_reason (str): How the load report names the dropped keys.
 
     Any object with these attributes, ``matches(keys)``, ``convert(state)``
-    and ``explain_dropped(keys)`` is a layout for :func:`vb_plugin.load_pretrained`
-    (:class:`vb_plugin.weights.timm.TimmLayout` converts with timm's own
-    code).
+    and ``explain_dropped(keys)`` is a layout for
+    :func:`vb_plugin.load_pretrained` (:class:`vb_plugin.weights.timm.
+    TimmLayout` converts with timm's own code).
 
     Example:
         >>> src = WeightSource('demo', 'a demo', detect=r'^fc\\.',

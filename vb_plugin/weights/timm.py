@@ -107,7 +107,8 @@ class TimmLayout:
         unbuilt = tuple(v[:-len('weight')]
                         for v in model.body_key_map(probes).values())
         not_built = [k for k in keys if unbuilt and k.startswith(unbuilt)]
-        head = [k for k in keys if k not in set(not_built)]
+        built = set(not_built)
+        head = [k for k in keys if k not in built]
         out = {}
         if head:
             out[self.head_reason] = head
