@@ -43,6 +43,11 @@ BACKBONE_CASES = {
              model_kwargs=dict(depth=4, embed_dim=32, num_heads=2)),
         dict(model_name='vit_small_patch14_dinov2', pyramid='multilevel',
              model_kwargs=dict(depth=4, embed_dim=32, num_heads=2)),
+        # Its blocks live inside an encoder that timm's feature_info does
+        # not name (levels 'encoder.blocks.k' under FeatureGetterNet's
+        # 'model.encoder'): stages are read from inside it.
+        dict(model_name='qwen3_vit_88m',
+             model_kwargs=dict(depth=4, embed_dim=32, num_heads=2)),
         dict(model_name='swin_tiny_patch4_window7_224', drop_path_rate=0.0,
              model_kwargs=dict(depths=(1, 1, 1, 1), embed_dim=16,
                                num_heads=(1, 1, 2, 2))),

@@ -598,11 +598,91 @@ def test_a_model_of_one_input_size_is_refused_at_build_naming_it():
         VBTimmBackbone('levit_128s')
     assert re.fullmatch(
         r"model_name='levit_128s' takes only 224x224 inputs: at 288x352 "
-        r'timm fails \(RuntimeError: .*\) and offers it no option for other '
-        r'sizes\. Detection inputs vary in size: choose another model, or '
+        r'timm fails \(RuntimeError: .*\), and at multiples of 64 to 512 '
+        r'too; timm offers it no option for other sizes\. Detection inputs '
+        r'vary in size: choose another model, or '
         r'pass model_kwargs=dict\(img_size=\.\.\.\) to build it for the one '
         r'size you will feed \(other sizes then raise at forward\)',
         str(err.value)), str(err.value)
+
+
+def test_a_model_of_blocks_gets_the_divisor_its_blocks_need():
+    """HaloNet attends within blocks: every HaloAttn's input must be a
+    multiple of its block size. The probe finds the divisor that follows
+    (read here from timm's own modules: block size x the stride of the
+    map it sees), the wiring and the forward check it, and multiples of it
+    give the metadata's sizes."""
+    full = timm.create_model('halonet_h1').eval()
+    need = []
+    hooks = [m.register_forward_pre_hook(
+        lambda m, args: need.append(m.block_size * 512 // args[0].shape[-2]))
+             for m in full.modules() if type(m).__name__ == 'HaloAttn']
+    with torch.no_grad():
+        full(torch.rand(1, 3, 512, 512))
+    for h in hooks:
+        h.remove()
+    div = max(need)
+    assert need and all(div % n == 0 for n in need)
+
+    model = VBTimmBackbone('halonet_h1').eval()
+    assert model.size_divisor == div == 256
+    with pytest.raises(ValueError, match=(
+            r"^'halonet_h1' needs inputs whose height and width are "
+            r'multiples of 256 \(size_divisor=256\), got 256x320: ')):
+        model(torch.rand(1, 3, 256, 320))
+    with torch.no_grad():
+        outs = model(torch.rand(1, 3, 256, 512))
+    assert [tuple(o.shape[1:]) for o in outs] == [
+        (c, 256 // s, 512 // s)
+        for c, s in zip(model.out_channels, model.out_strides)]
+    # NOTE: timm itself fails at a multiple of half the divisor.
+    with pytest.raises(AssertionError):
+        with torch.no_grad():
+            full(torch.rand(1, 3, 384, 512))
+
+
+def test_a_model_whose_maps_are_smaller_than_its_strides_is_refused():
+    """Inception v3's convolutions do not pad: its maps are smaller than
+    input / stride, so anchors at that stride would miss part of the
+    image. Refused at build, with the sizes timm's extractor gives."""
+    with torch.device('meta'):
+        feats = timm.create_model('inception_v3', features_only=True)
+    info = feats.feature_info.get_dicts()
+    k = next(i for i, r in enumerate(info) if r['reduction'] == 4)
+    got = feats(torch.empty(1, 3, 384, 448, device='meta'))[k].shape[-2:]
+    assert tuple(got) != (96, 112)
+    with pytest.raises(ValueError) as err:
+        VBTimmBackbone('inception_v3')
+    assert str(err.value) == (
+        "model_name='inception_v3' gives maps smaller than its strides say: "
+        f'at 384x448 its stride-4 level is {got[0]}x{got[1]}, not 96x112 '
+        '(its convolutions do not pad). Anchors and RoI pooling placed at '
+        'that stride would cover only part of the image: choose another '
+        'model')
+
+
+def test_a_model_whose_metadata_names_no_module_maps_its_stages():
+    """MobileNetV5's feature_info names its stride-2 level 'bn1', which the
+    model does not have (the norm is inside conv_stem): that level takes
+    the modules up to the next one's, so the stem is conv_stem and stages
+    are its four block groups; outputs equal timm's extractor on the same
+    weights, and frozen_stages=1 freezes exactly the stem and stage 0."""
+    model = VBTimmBackbone('mobilenetv5_base', frozen_stages=1).eval()
+    assert model.stem_module_names() == ('body.model.conv_stem', )
+    assert [model.stage_module_names(i) for i in range(4)] == [
+        (f'body.model.blocks.{i}', ) for i in range(4)]
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters()
+                      if n.startswith(('body.model.conv_stem.',
+                                       'body.model.blocks.0.'))}
+    ref = timm.create_model('mobilenetv5_base', features_only=True,
+                            out_indices=(1, 2, 3, 4)).eval()
+    ref.load_state_dict({k[len('body.'):]: v
+                         for k, v in model.state_dict().items()})
+    x = torch.rand(1, 3, 160, 224)
+    with torch.no_grad():
+        diffs = [max_abs_diff(a, b) for a, b in zip(model(x), ref(x))]
+    assert len(diffs) == 4 and max(diffs) == 0
 
 
 def test_a_model_of_one_input_size_built_for_it_refuses_others_at_forward():

@@ -172,26 +172,88 @@ def _flatten(module: nn.Module, prefix: str) -> List[str]:
     return names
 
 
-def _chain(features: nn.Module) -> Tuple[List[str], bool]:
-    """Module names of timm's extractor in forward order, relative to it,
-    and whether they use FeatureDictNet's underscore names."""
-    if isinstance(features, (FeatureDictNet, FeatureHookNet)):
-        return [n for n, _ in features.named_children()], True
-    if isinstance(features, FeatureGetterNet):
-        return _flatten(features.model, 'model.'), False
-    return _flatten(features, ''), False
+@dataclass(frozen=True)
+class _Chain:
+    """timm's extractor as a chain of module names in forward order
+    (relative to the extractor), for grouping its modules into levels.
+
+    ``root`` is the prefix of the wrapped model's own module names in the
+    extractor ('model.' for FeatureGetterNet, 'body.' for a FeatureHookNet
+    that hooks the whole model, '' otherwise); ``underscore``: FeatureDictNet's
+    flattened names ('layer1_0' for 'layer1.0')."""
+    names: Tuple[str, ...]
+    root: str = ''
+    underscore: bool = False
+
+    def contains(self, element: str, module: str) -> bool:
+        """Whether chain element ``element`` is, contains or lies inside the
+        model's module ``module``."""
+        if self.underscore:
+            module = module.replace('.', '_')
+            sep = '_'
+        else:
+            element = element[len(self.root):] if element.startswith(
+                self.root) else element
+            sep = '.'
+        return (module == element or module.startswith(element + sep)
+                or element.startswith(module + sep))
 
 
-def _contains(element: str, module: str, underscore: bool) -> bool:
-    if underscore:
-        module = module.replace('.', '_')
-        sep = '_'
+def _chain(features: nn.Module,
+           modules: Sequence[str] = ()) -> _Chain:
+    """The extractor's chain; an element that holds two or more of
+    ``modules`` (level modules nested in one container, e.g. an encoder's
+    blocks) is replaced by its children, recursively. The chain only groups
+    modules (timm's extractor runs them), so expanding changes nothing
+    that runs."""
+    if isinstance(features, FeatureDictNet):
+        return _Chain(tuple(n for n, _ in features.named_children()),
+                      underscore=True)
+    if isinstance(features, FeatureHookNet):
+        children = [n for n, _ in features.named_children()]
+        if children != ['body']:
+            return _Chain(tuple(children), underscore=True)
+        root, names = 'body.', _flatten(features.body, 'body.')
+    elif isinstance(features, FeatureGetterNet):
+        root, names = 'model.', _flatten(features.model, 'model.')
     else:
-        element = element[len('model.'):] if element.startswith(
-            'model.') else element
-        sep = '.'
-    return (module == element or module.startswith(element + sep)
-            or element.startswith(module + sep))
+        root, names = '', _flatten(features, '')
+    chain = _Chain(tuple(names), root)
+    expanded = True
+    while expanded:
+        expanded, names = False, []
+        for element in chain.names:
+            inner = {m for m in modules
+                     if chain.contains(element, m)
+                     and m != element[len(root):]}
+            child = features.get_submodule(element)
+            if len(inner) > 1 and len(list(child.children())):
+                names += _flatten(child, element + '.')
+                expanded = True
+            else:
+                names.append(element)
+        chain = _Chain(tuple(names), root)
+    return chain
+
+
+def _resolve_modules(features: nn.Module, chain: _Chain,
+                     levels: Sequence[TimmLevel]) -> List[Optional[str]]:
+    """Each level's module as the model names it. timm's ``feature_info``
+    sometimes names a module by its path inside a wrapper ('blocks.0' for
+    'encoder.blocks.0'): a name that is no module of the model is taken as
+    the unique module path that ends with it; None when there is none."""
+    if chain.underscore:
+        return [lv.module for lv in levels]
+    root = features.get_submodule(chain.root[:-1]) if chain.root else features
+    names = {n for n, _ in root.named_modules()}
+    resolved = []
+    for level in levels:
+        module = level.module
+        if module not in names:
+            ends = [n for n in names if n.endswith('.' + module)]
+            module = ends[0] if len(ends) == 1 else None
+        resolved.append(module)
+    return resolved
 
 
 def _hrnet_groups(chain: List[str], num_levels: int) -> List[List[str]]:
@@ -216,22 +278,31 @@ def _level_groups(features: nn.Module,
                   levels: Sequence[TimmLevel]) -> List[List[str]]:
     """The extractor's modules that lead to each timm level, in order:
     group ``j`` holds the modules after level ``j - 1``'s up to level
-    ``j``'s own module."""
-    chain, underscore = _chain(features)
+    ``j``'s own module. A level whose module the model does not have (its
+    metadata names none, e.g. MobileNetV5's stem 'bn1') gets the modules up
+    to the next level's."""
     quirks = _quirks(features)
     if quirks.level_groups is not None:
-        return quirks.level_groups(chain, len(levels))
+        return quirks.level_groups(list(_chain(features).names), len(levels))
+    probe = _chain(features)
+    modules = _resolve_modules(features, probe, levels)
+    chain = _chain(features, [m for m in modules if m is not None])
+    hits = [[p for p, e in enumerate(chain.names) if chain.contains(e, m)]
+            if m is not None else None for m in modules]
     groups, start = [], 0
-    for level in levels:
-        hits = [p for p, e in enumerate(chain)
-                if _contains(e, level.module, underscore)]
-        if not hits or hits[-1] < start:
+    for j, level in enumerate(levels):
+        if hits[j] is None:
+            later = next((h for h in hits[j + 1:] if h), None)
+            end = later[0] if later else start
+        else:
+            end = hits[j][-1] + 1 if hits[j] else start
+        if end <= start:
             raise ValueError(
                 f'cannot map timm level {level.index} (module '
                 f'{level.module!r}) onto the modules of '
-                f'{type(features).__name__}: {chain}')
-        groups.append(chain[start:hits[-1] + 1])
-        start = hits[-1] + 1
+                f'{type(features).__name__}: {list(chain.names)}')
+        groups.append(list(chain.names[start:end]))
+        start = end
     return groups
 
 
@@ -287,12 +358,26 @@ VB_TIMM_SOURCE = WeightSource(
     description='a VBTimmBackbone state dict (keys under body.)',
     detect=r'^body\.')
 
-#: (model name, create keywords, in_channels) -> the one-input-size error
-#: of that model, or '' (the meta-device probe runs once per process).
-_ONE_SIZE_PROBES: Dict[tuple, str] = {}
+@dataclass(frozen=True)
+class _SizeProbe:
+    """What the meta-device probe of a timm model found about input sizes:
+    the build error (or ''), the divisor its input needs, the patch size
+    to pad its input to."""
+    message: str = ''
+    divisor: int = 1
+    pad: int = 1
+
+
+#: (model name, create keywords, in_channels) -> what the probe found; the
+#: meta-device probe runs once per process.
+_SIZE_PROBES: Dict[tuple, _SizeProbe] = {}
 
 _SIZE_ERROR_HINTS = ('match', 'shape', 'size', 'Input height',
                      'Input image', 'divisible', 'invalid for input')
+
+
+def _round_up(size: Tuple[int, int], step: int) -> Tuple[int, int]:
+    return tuple(-(-n // step) * step for n in size)
 
 
 def _is_size_error(err: Exception) -> bool:
@@ -437,13 +522,13 @@ class VBTimmBackbone(VBBackbone):
         if not self.plan.stem_levels:
             first = self._stage_groups[0]
             own = self._own_module(full, self.timm_levels[
-                self.plan.stage_levels[0][0]].module, first)
+                self.plan.stage_levels[0][0]], first)
             self._stem_groups = first[:own]
             self._stage_groups[0] = first[own:]
         self._stage_groups = tuple(self._stage_groups)
         self._nhwc = str(getattr(full, 'output_fmt', 'NCHW')).endswith('NHWC')
         if 'img_size' not in model_kwargs:
-            self._refuse_one_input_size(full)
+            self._probe_input_sizes(full)
         del full
 
         levels_out = [self.timm_levels[self.plan.output_level(k)]
@@ -555,58 +640,127 @@ class VBTimmBackbone(VBBackbone):
             size, (tuple, list)) else (size, size)
         return _timm_levels(model)
 
-    def _refuse_one_input_size(self, full: nn.Module) -> None:
-        """Raise a ``ValueError`` now for a model that takes one input size
-        only (fixed position or attention biases, and no timm option for
-        others), instead of at its first forward at another size.
+    def _probe_input_sizes(self, full: nn.Module) -> None:
+        """Learn which input sizes the model takes, before any forward.
 
-        The extractor runs on the meta device (no memory, no compute) at
-        its pretraining size and at a larger, non-square one that is a
-        multiple of every divisor it states; a size error at the second
-        only means one size. Models that meta cannot run (or that were
-        built for real) are left to the forward's check. A user who passes
+        The extractor runs on the meta device (no memory, no compute): at
+        its pretraining size; at a larger, non-square one that is a
+        multiple of every divisor it states (``probe``); and at an odd one.
+
+        * Maps that are not ``size / stride`` at ``probe`` (unpadded
+          convolutions, Inception): ``ValueError``.
+        * A size error at the odd size only: the smallest patch size
+          (2..28) whose multiples run becomes :attr:`input_pad` (the input
+          is padded to it and outputs cropped, as for Swin); if none does,
+          :attr:`size_divisor` becomes ``probe``'s step.
+        * A size error at ``probe``: multiples of ``32 * k`` (k = 2..16)
+          are tried at two non-square sizes each, and the smallest that
+          runs becomes :attr:`size_divisor` (HaloNet's blocks: 256); if
+          none does, the model takes one size only (fixed position or
+          attention biases, and no timm option for others): ``ValueError``
+          naming it, instead of timm's error at the first forward.
+
+        Models that meta cannot run (or that were built for real) are left
+        to the forward's check. A user who passes
         ``model_kwargs=dict(img_size=...)`` has chosen the one size and is
-        not refused.
+        not probed. Results are cached per process.
         """
         key = (self.model_name, repr(sorted(self.create_kwargs.items())),
                self.in_channels)
-        if key not in _ONE_SIZE_PROBES:
-            _ONE_SIZE_PROBES[key] = self._one_size_message(full)
-        if _ONE_SIZE_PROBES[key]:
-            raise ValueError(_ONE_SIZE_PROBES[key])
+        if key not in _SIZE_PROBES:
+            _SIZE_PROBES[key] = self._probe(full)
+        found = _SIZE_PROBES[key]
+        if found.message:
+            raise ValueError(found.message)
+        self.size_divisor = max(self.size_divisor, found.divisor)
+        self.input_pad = max(self.input_pad, found.pad)
 
-    def _one_size_message(self, full: nn.Module) -> str:
-        """The build error for a model of one input size, or ''."""
+    def _probe(self, full: nn.Module) -> '_SizeProbe':
         param = next(full.parameters(), None)
         if param is None or not param.is_meta:
-            return ''
+            return _SizeProbe()
         native = tuple(self.pretrained_input_size)
         step = max(32, self.size_divisor, self.input_pad)
-        probe = tuple(-(-(n + extra) // step) * step
-                      for n, extra in zip(native, (64, 128)))
 
-        def error_at(size) -> Optional[Exception]:
+        def run_at(size) -> Tuple[Optional[list], Optional[Exception]]:
             try:
                 with torch.no_grad():
-                    full.eval()(torch.empty(1, self.in_channels, *size,
-                                            device='meta'))
+                    return list(full.eval()(torch.empty(
+                        1, self.in_channels, *size, device='meta'))), None
             except Exception as err:  # noqa: BLE001 - classified below
-                return err
-            return None
+                return None, err
 
-        if error_at(native) is not None:
-            return ''
-        err = error_at(probe)
-        if err is None or not _is_size_error(err):
-            return ''
+        # NOTE: some models cannot finish on meta (Gemma4's ViT calls
+        # .item()); past their size checks, they stop with the same error
+        # at every size: that error counts as running.
+        _, at_native = run_at(native)
+        if at_native is not None and _is_size_error(at_native):
+            return _SizeProbe()
+
+        def ran(err: Optional[Exception]) -> bool:
+            return err is None or (at_native is not None
+                                   and str(err) == str(at_native))
+
+        def runs(div: int) -> bool:
+            # NOTE: two non-square multiples of div, larger than the native
+            # size (so a one-size model cannot pass by chance), one side an
+            # odd multiple.
+            a = -(-max(native) // div) + 1
+            return all(ran(run_at(size)[1])
+                       for size in ((a * div, (a + 1) * div),
+                                    ((a + 1) * div, a * div)))
+
+        probe = _round_up(tuple(n + extra
+                                for n, extra in zip(native, (64, 128))), step)
+        outs, err = run_at(probe)
+        if ran(err):
+            message = self._map_size_message(probe, outs) if outs else ''
+            if message or self.input_pad > 1:
+                return _SizeProbe(message)
+            _, err = run_at((probe[0] - 31, probe[1] - 29))
+            if ran(err) or not _is_size_error(err):
+                return _SizeProbe()
+            pad = next((d for d in (2, 4, 7, 8, 14, 16, 28) if runs(d)), 1)
+            return _SizeProbe(pad=pad, divisor=1 if pad > 1 else step)
+        if not _is_size_error(err):
+            return _SizeProbe()
+        tried = [32 * k for k in range(2, 17)
+                 if 32 * k > step and 32 * k % step == 0]
+        for div in tried:
+            if runs(div):
+                return _SizeProbe(divisor=div)
         reason = (str(err).splitlines() or [''])[0][:160]
-        return (
+        return _SizeProbe(
             f'model_name={self.model_name!r} takes only {native[0]}x'
             f'{native[1]} inputs: at {probe[0]}x{probe[1]} timm fails '
-            f'({type(err).__name__}: {reason}) and offers it no option for '
-            'other sizes. Detection inputs vary in size: choose another '
-            'model, or pass model_kwargs=dict(img_size=...) to build it for '
-            'the one size you will feed (other sizes then raise at forward)')
+            f'({type(err).__name__}: {reason}), and at multiples of '
+            f'{tried[0] if tried else step} to {tried[-1] if tried else step}'
+            ' too; timm offers it no option for other sizes. Detection '
+            'inputs vary in size: choose another model, or pass '
+            'model_kwargs=dict(img_size=...) to build it for the one size '
+            'you will feed (other sizes then raise at forward)')
+
+    def _map_size_message(self, size: Tuple[int, int], outs: list) -> str:
+        """The build error for maps that are not ``size / stride`` (floor
+        or ceil) at the levels this backbone outputs, or ''."""
+        for k in range(len(self.plan.stage_levels)):
+            level = self.timm_levels[self.plan.output_level(k)]
+            out = outs[level.index] if level.index < len(outs) else None
+            if out is None:
+                continue
+            got = tuple(out.shape[1:3] if self._nhwc else out.shape[2:4])
+            want = tuple(-(-n // level.reduction) for n in size)
+            if all(g in (n // level.reduction, w)
+                   for g, n, w in zip(got, size, want)):
+                continue
+            return (
+                f'model_name={self.model_name!r} gives maps smaller than its '
+                f'strides say: at {size[0]}x{size[1]} its stride-'
+                f'{level.reduction} level is {got[0]}x{got[1]}, not '
+                f'{want[0]}x{want[1]} (its convolutions do not pad). '
+                'Anchors and RoI pooling placed at that stride would cover '
+                'only part of the image: choose another model')
+        return ''
 
     def _resolve_pyramid(self, pyramid: Optional[str], levels: str,
                          levels_out: List[TimmLevel]) -> Optional[str]:
@@ -654,12 +808,14 @@ class VBTimmBackbone(VBBackbone):
             ) from err
 
     @staticmethod
-    def _own_module(full: nn.Module, module: str, names: Sequence[str]) -> int:
+    def _own_module(full: nn.Module, level: TimmLevel,
+                    names: Sequence[str]) -> int:
         """Position in ``names`` of the first module that is, contains or
         lies inside the level's own module."""
-        _, underscore = _chain(full)
+        chain = _chain(full)
+        module = _resolve_modules(full, chain, [level])[0]
         for p, n in enumerate(names):
-            if _contains(n, module, underscore):
+            if module is not None and chain.contains(n, module):
                 return p
         return len(names) - 1
 
