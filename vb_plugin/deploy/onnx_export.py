@@ -28,6 +28,7 @@ from torch import nn
 
 from ..inference import (_default_example, fold_batch_norms,
                          max_abs_difference, tolerance_for)
+from ..models.base import round_up_to
 
 #: The ONNX opset used when none is given: the newest one torch 2.13's
 #: TorchScript exporter writes and onnxruntime 1.20+/OpenVINO 2025+ read.
@@ -189,10 +190,6 @@ def _divisor(model: nn.Module) -> int:
     return max(int(getattr(model, 'size_divisor', 1) or 1), 1)
 
 
-def _round_up(sizes: Sequence[int], div: int) -> Tuple[int, ...]:
-    return tuple(-(-n // div) * div for n in sizes)
-
-
 def default_example(model: nn.Module) -> torch.Tensor:
     """A 1 x C x 129 x 161 input (rounded up to the model's
     ``size_divisor``): odd, so padding branches are traced too.
@@ -202,7 +199,7 @@ def default_example(model: nn.Module) -> torch.Tensor:
         >>> tuple(default_example(VBResNet(depth=18)).shape)
         (1, 3, 129, 161)
     """
-    return _default_example(model, _round_up((129, 161), _divisor(model)))
+    return _default_example(model, round_up_to((129, 161), _divisor(model)))
 
 
 def second_input(example: torch.Tensor, div: int = 1) -> torch.Tensor:
@@ -213,7 +210,7 @@ def second_input(example: torch.Tensor, div: int = 1) -> torch.Tensor:
         (2, 3, 96, 224)
     """
     b, c, h, w = example.shape
-    h2, w2 = _round_up((max(h - 33, 32), w + 63), div)
+    h2, w2 = round_up_to((max(h - 33, 32), w + 63), div)
     return torch.rand(b + 1, c, h2, w2, device=example.device)
 
 

@@ -105,6 +105,17 @@ def check_frozen_stages(frozen_stages: int, num_stages: int) -> int:
     return int(frozen_stages)
 
 
+def round_up_to(sizes: Sequence[int], divisor: int) -> Tuple[int, ...]:
+    """Each size rounded up to a multiple of ``divisor`` (e.g. a backbone's
+    :attr:`VBBackbone.size_divisor`).
+
+    Example:
+        >>> round_up_to((225, 301), 32)
+        (256, 320)
+    """
+    return tuple(-(-n // divisor) * divisor for n in sizes)
+
+
 class VBBackbone(BaseModule, metaclass=ABCMeta):
     """Base class of every vb_plugin backbone.
 

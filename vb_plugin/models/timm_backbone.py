@@ -41,7 +41,7 @@ from ..layers.pyramid import (PYRAMID_STRIDES, crop_to_stride,
                               resample_to_stride16)
 from ..weights.rules import WeightSource
 from ..weights.timm import TimmLayout
-from .base import OptConfigType, VBBackbone
+from .base import OptConfigType, VBBackbone, round_up_to
 
 #: create_model keywords this family sets itself; ``model_kwargs`` must not.
 RESERVED_KWARGS = ('pretrained', 'features_only', 'out_indices', 'in_chans',
@@ -376,8 +376,9 @@ _SIZE_ERROR_HINTS = ('match', 'shape', 'size', 'Input height',
                      'Input image', 'divisible', 'invalid for input')
 
 
-def _round_up(size: Tuple[int, int], step: int) -> Tuple[int, int]:
-    return tuple(-(-n // step) * step for n in size)
+def _feature_list(feats) -> List[torch.Tensor]:
+    """timm's extractor's outputs as a list (FeatureDictNet gives a dict)."""
+    return list(feats.values()) if isinstance(feats, dict) else list(feats)
 
 
 def _is_size_error(err: Exception) -> bool:
@@ -675,7 +676,7 @@ class VBTimmBackbone(VBBackbone):
         self.size_divisor = max(self.size_divisor, found.divisor)
         self.input_pad = max(self.input_pad, found.pad)
 
-    def _probe(self, full: nn.Module) -> '_SizeProbe':
+    def _probe(self, full: nn.Module) -> _SizeProbe:
         param = next(full.parameters(), None)
         if param is None or not param.is_meta:
             return _SizeProbe()
@@ -685,7 +686,7 @@ class VBTimmBackbone(VBBackbone):
         def run_at(size) -> Tuple[Optional[list], Optional[Exception]]:
             try:
                 with torch.no_grad():
-                    return list(full.eval()(torch.empty(
+                    return _feature_list(full.eval()(torch.empty(
                         1, self.in_channels, *size, device='meta'))), None
             except Exception as err:  # noqa: BLE001 - classified below
                 return None, err
@@ -710,7 +711,7 @@ class VBTimmBackbone(VBBackbone):
                        for size in ((a * div, (a + 1) * div),
                                     ((a + 1) * div, a * div)))
 
-        probe = _round_up(tuple(n + extra
+        probe = round_up_to(tuple(n + extra
                                 for n, extra in zip(native, (64, 128))), step)
         outs, err = run_at(probe)
         if ran(err):
@@ -946,12 +947,11 @@ class VBTimmBackbone(VBBackbone):
                 f'{native[0]}x{native[1]} inputs and timm offers it no '
                 'option for other sizes: use that size, or another model') \
                 from err
-        if isinstance(feats, dict):
-            feats = list(feats.values())
+        feats = _feature_list(feats)
         if self.pyramid_kind == 'simple':
             # NOTE: every pyramid level is made from the last map.
             feats = [feats[-1]] * len(self.out_indices)
-        return list(feats)
+        return feats
 
     # ------------------------------------------------------------------
     # Layer-wise learning-rate decay (ViT-style models).
