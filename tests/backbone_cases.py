@@ -48,6 +48,14 @@ BACKBONE_CASES = {
         # 'model.encoder'): stages are read from inside it.
         dict(model_name='qwen3_vit_88m',
              model_kwargs=dict(depth=4, embed_dim=32, num_heads=2)),
+        # No timm option for other sizes: its position embedding is
+        # resampled per input from the pretraining grid (position_grids).
+        dict(model_name='cait_xxs24_224',
+             model_kwargs=dict(depth=4, embed_dim=32, num_heads=2)),
+        # Relative position tables spanning the token grid, resized per
+        # input with their index and window.
+        dict(model_name='beit_base_patch16_224',
+             model_kwargs=dict(depth=4, embed_dim=32, num_heads=2)),
         dict(model_name='swin_tiny_patch4_window7_224', drop_path_rate=0.0,
              model_kwargs=dict(depths=(1, 1, 1, 1), embed_dim=16,
                                num_heads=(1, 1, 2, 2))),

@@ -641,20 +641,23 @@ def test_a_model_of_blocks_gets_the_divisor_its_blocks_need():
             full(torch.rand(1, 3, 384, 512))
 
 
-def test_a_model_whose_maps_are_smaller_than_its_strides_is_refused():
-    """Inception v3's convolutions do not pad: its maps are smaller than
+@pytest.mark.parametrize('name', ['inception_v3', 'inception_resnet_v2'])
+def test_a_model_whose_maps_are_smaller_than_its_strides_is_refused(name):
+    """Inception's convolutions do not pad: its maps are smaller than
     input / stride, so anchors at that stride would miss part of the
-    image. Refused at build, with the sizes timm's extractor gives."""
+    image. Refused at build, with the sizes timm's extractor gives.
+    (Inception-ResNet's levels 'repeat' and 'repeat_1' are sibling
+    modules, not one inside the other: its stages map.)"""
     with torch.device('meta'):
-        feats = timm.create_model('inception_v3', features_only=True)
+        feats = timm.create_model(name, features_only=True)
     info = feats.feature_info.get_dicts()
     k = next(i for i, r in enumerate(info) if r['reduction'] == 4)
     got = feats(torch.empty(1, 3, 384, 448, device='meta'))[k].shape[-2:]
     assert tuple(got) != (96, 112)
     with pytest.raises(ValueError) as err:
-        VBTimmBackbone('inception_v3')
+        VBTimmBackbone(name)
     assert str(err.value) == (
-        "model_name='inception_v3' gives maps smaller than its strides say: "
+        f"model_name='{name}' gives maps smaller than its strides say: "
         f'at 384x448 its stride-4 level is {got[0]}x{got[1]}, not 96x112 '
         '(its convolutions do not pad). Anchors and RoI pooling placed at '
         'that stride would cover only part of the image: choose another '
@@ -701,3 +704,239 @@ def test_a_model_of_one_input_size_built_for_it_refuses_others_at_forward():
     assert [tuple(o.shape[1:]) for o in outs] == [
         (c, -(-224 // s), -(-224 // s))
         for c, s in zip(model.out_channels, model.out_strides)]
+
+
+def test_fixed_position_embeddings_are_resampled_as_timms_vit_does():
+    """A ViT built without timm's any-size options has a fixed position
+    embedding and strict patch embedding, like CaiT: the probe finds the
+    embedding on the 14x14 grid (one class token first), and each input's
+    grid gets it resampled. Outputs equal timm's own dynamic_img_size ViT
+    (dynamic_img_pad too) on the same weights at odd and non-square sizes;
+    gradients reach the parameter, which keeps its pretraining shape."""
+    kwargs = dict(depth=4, embed_dim=32, num_heads=2)
+    model = VBTimmBackbone('vit_tiny_patch16_224', pyramid=None,
+                           model_kwargs=dict(kwargs, dynamic_img_size=False,
+                                             dynamic_img_pad=False)).eval()
+    assert [(g.name, g.layout, g.stride, g.grid, g.prefix)
+            for g in model.position_grids] == [
+                ('model.pos_embed', 'NLC', 16, (14, 14), 1)]
+    assert model.input_pad == 16
+    ref = timm.create_model('vit_tiny_patch16_224', features_only=True,
+                            out_indices=(0, 1, 2, 3), dynamic_img_size=True,
+                            dynamic_img_pad=True, **kwargs).eval()
+    ref.load_state_dict({k[len('body.'):]: v
+                         for k, v in model.state_dict().items()})
+    for size in ((256, 320), (225, 301), (333, 517), (224, 224)):
+        x = torch.rand(1, 3, *size)
+        with torch.no_grad():
+            outs, refs = model(x), ref(x)
+        assert [tuple(o.shape[-2:]) for o in outs] == [
+            (-(-size[0] // 16), -(-size[1] // 16))] * 4
+        assert max(max_abs_diff(a, b) for a, b in zip(outs, refs)) <= 1e-5
+    model.train()
+    sum(o.sum() for o in model(torch.rand(1, 3, 225, 301))).backward()
+    pos = model.body.model.pos_embed
+    assert isinstance(pos, torch.nn.Parameter) and pos.shape == (1, 197, 32)
+    assert pos.grad is not None and pos.grad.abs().sum() > 0
+    assert model.state_dict()['body.model.pos_embed'].shape == (1, 197, 32)
+
+
+@pytest.mark.parametrize('name,layout,strides', [
+    ('visformer_tiny', 'NCHW', (8, 16, 32)),
+    ('volo_d1_224', 'NHWC', (16, )),
+])
+def test_position_embeddings_of_other_layouts_are_resampled(name, layout,
+                                                             strides):
+    """Visformer (three NCHW embeddings, strides 8/16/32) and VOLO (NHWC)
+    take only 224x224 in timm. Here they run at 256x320: outputs equal
+    timm's model built for 256x320 whose embeddings were resampled by
+    torch's bicubic antialiased interpolation (as timm resamples). (VOLO's
+    raw levels: its default is the simple pyramid on the last one.)"""
+    model = VBTimmBackbone(name, pyramid=None).eval()
+    assert [(g.layout, g.stride) for g in model.position_grids] == [
+        (layout, s) for s in strides]
+    size = (256, 320)
+    ref = timm.create_model(name, features_only=True, img_size=size,
+                            out_indices=model.body.feature_info.out_indices
+                            ).eval()
+    state = {k[len('body.'):]: v for k, v in model.state_dict().items()}
+    for g in model.position_grids:
+        pos = state[g.name]
+        new = (size[0] // g.stride, size[1] // g.stride)
+        if layout == 'NHWC':
+            pos = pos.permute(0, 3, 1, 2)
+        pos = torch.nn.functional.interpolate(pos, size=new, mode='bicubic',
+                                              antialias=True)
+        state[g.name] = pos.permute(0, 2, 3, 1) if layout == 'NHWC' else pos
+    ref.load_state_dict(state)
+    x = torch.rand(1, 3, *size)
+    with torch.no_grad():
+        outs, refs = model(x), ref(x)
+    assert [tuple(o.shape[-2:]) for o in outs] == [
+        (size[0] // s, size[1] // s) for s in model.out_strides]
+    assert max(max_abs_diff(a, b) for a, b in zip(outs, refs)) <= 1e-5
+
+
+def test_stage_parts_kept_in_parallel_lists_join_their_stage():
+    """Twins keeps each stage's patch embedding, dropout and position
+    block in lists beside its blocks (registered apart from them), and
+    timm's feature_info names the stages 'block.k', a module it does not
+    have: stage k is patch_embeds.k, pos_drops.k, blocks.k, pos_block.k
+    (the stem is stage 0's embedding), frozen_stages freezes exactly those,
+    and outputs equal timm's extractor on the same weights."""
+    kwargs = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 2, 4),
+                  depths=(1, 1, 2, 1))
+    model = VBTimmBackbone('twins_svt_small', frozen_stages=2,
+                           model_kwargs=kwargs).eval()
+    parts = ('patch_embeds', 'pos_drops', 'blocks', 'pos_block')
+    assert model.stem_module_names() == ('body.model.patch_embeds.0',
+                                         'body.model.pos_drops.0')
+    assert model.stage_module_names(0) == ('body.model.blocks.0',
+                                           'body.model.pos_block.0')
+    for k in (1, 2, 3):
+        assert model.stage_module_names(k) == tuple(
+            f'body.model.{p}.{k}' for p in parts)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and frozen == {
+        n for n, _ in model.named_parameters()
+        if n.startswith(tuple(f'body.model.{p}.{k}.' for p in parts
+                              for k in (0, 1)))}
+    ref = timm.create_model('twins_svt_small', features_only=True,
+                            **kwargs).eval()
+    ref.load_state_dict({k[len('body.'):]: v
+                         for k, v in model.state_dict().items()})
+    x = torch.rand(1, 3, 225, 301)
+    with torch.no_grad():
+        outs, refs = model(x), ref(x)
+    assert model.out_strides == (4, 8, 16, 32)
+    assert [tuple(o.shape[-2:]) for o in outs] == [
+        (225 // s, 301 // s) for s in model.out_strides]
+    assert max(max_abs_diff(a, b) for a, b in zip(outs, refs)) == 0
+
+
+def test_a_model_whose_maps_end_at_stride_16_gets_the_simple_pyramid():
+    """VOLO's levels are at strides 8, 16, 16, 16: no stride-4 level and
+    none coarser than 16, so no pyramid of its own. 'auto' builds ViTDet's
+    simple pyramid on its last map, as on a ViT's: strides 4..32, and the
+    stride-16 output is timm's last map itself (here at 225x301, where its
+    fixed position embedding is resampled to the padded input's grid)."""
+    model = VBTimmBackbone('volo_d1_224').eval()
+    assert [lv.reduction for lv in model.timm_levels] == [8, 16, 16, 16]
+    assert model.pyramid_kind == 'simple'
+    assert model.out_strides == (4, 8, 16, 32)
+    ref = timm.create_model('volo_d1_224', features_only=True,
+                            img_size=(240, 304)).eval()
+    state = {k[len('body.'):]: v for k, v in model.state_dict().items()
+             if k.startswith('body.')}
+    state['model.pos_embed'] = torch.nn.functional.interpolate(
+        state['model.pos_embed'].permute(0, 3, 1, 2), size=(15, 19),
+        mode='bicubic', antialias=True).permute(0, 2, 3, 1)
+    ref.load_state_dict(state)
+    x = torch.rand(1, 3, 225, 301)
+    with torch.no_grad():
+        outs = model(x)
+        last = ref(torch.nn.functional.pad(x, (0, 3, 0, 15)))[-1]
+    # NOTE: stride 32 is the 2x2 max-pool of the stride-16 map (floor).
+    assert [tuple(o.shape[-2:]) for o in outs] == [
+        (57, 76), (29, 38), (15, 19), (7, 9)]
+    assert max_abs_diff(outs[2], last) == 0
+
+
+def test_beit_relative_position_tables_follow_the_input():
+    """BEiT's per-block relative position tables span its 14x14 window, the
+    whole token grid, and timm offers no option for other sizes. Each
+    forward resizes them to the input's grid (timm's bicubic table resize)
+    with the index and window for that grid: outputs equal timm's BEiT
+    built for the padded size with the tables resized by torch's bicubic
+    interpolation; gradients reach the tables, which keep their shape."""
+    kwargs = dict(depth=4, embed_dim=32, num_heads=2)
+    model = VBTimmBackbone('beit_base_patch16_224', pyramid=None,
+                           model_kwargs=kwargs).eval()
+    assert [(g.name, g.layout, g.grid) for g in model.position_grids] == [
+        (f'model.blocks.{i}.attn', 'REL', (14, 14)) for i in range(4)]
+    size, padded = (225, 301), (240, 304)
+    ref = timm.create_model('beit_base_patch16_224', features_only=True,
+                            out_indices=(0, 1, 2, 3), img_size=padded,
+                            **kwargs).eval()
+    state = {k[len('body.'):]: v for k, v in model.state_dict().items()}
+    for i in range(4):
+        key = f'model.blocks.{i}.attn.relative_position_bias_table'
+        table = state[key]
+        grid = torch.nn.functional.interpolate(
+            table[:-3].T.reshape(1, 2, 27, 27), size=(29, 37),
+            mode='bicubic', align_corners=False)
+        state[key] = torch.cat([grid.reshape(2, -1).T, table[-3:]])
+    ref.load_state_dict(state)
+    x = torch.rand(1, 3, *size)
+    with torch.no_grad():
+        outs = model(x)
+        refs = ref(torch.nn.functional.pad(x, (0, 3, 0, 15)))
+    assert [tuple(o.shape[-2:]) for o in outs] == [(15, 19)] * 4
+    assert max(max_abs_diff(a, b) for a, b in zip(outs, refs)) <= 1e-5
+    model.train()
+    sum(o.sum() for o in model(x)).backward()
+    table = model.body.model.blocks[0].attn.relative_position_bias_table
+    assert table.shape == (27 * 27 + 3, 2)
+    assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+def test_a_level_named_by_no_module_stays_in_the_stem():
+    """TResNet's feature_info names its stride-2 level '' (timm's own
+    features_only with every level fails: "Return layers ({''}) are not
+    present in model"). That level is not an output: it stays in the stem,
+    whose modules run up to stage 0's; outputs equal timm's extractor of
+    the four other levels on the same weights (input padded to its
+    space-to-depth block, 4)."""
+    with pytest.raises(AssertionError, match='Return layers'):
+        with torch.device('meta'):
+            timm.create_model('tresnet_m', features_only=True,
+                              out_indices=(0, 1, 2, 3, 4))
+    model = VBTimmBackbone('tresnet_m').eval()
+    assert model.stem_module_names() == ('body.body_s2d', 'body.body_conv1')
+    assert [model.stage_module_names(i) for i in range(4)] == [
+        (f'body.body_layer{i}', ) for i in range(1, 5)]
+    assert (model.out_strides, model.input_pad) == ((4, 8, 16, 32), 4)
+    ref = timm.create_model('tresnet_m', features_only=True,
+                            out_indices=(1, 2, 3, 4)).eval()
+    ref.load_state_dict({k[len('body.'):]: v
+                         for k, v in model.state_dict().items()})
+    x = torch.rand(1, 3, 256, 320)
+    with torch.no_grad():
+        diffs = [max_abs_diff(a, b) for a, b in zip(model(x), ref(x))]
+    assert len(diffs) == 4 and max(diffs) == 0
+
+
+def test_mvitv2_relative_position_tables_follow_the_input():
+    """MViTv2's per-axis relative position tables are sized for its
+    pretraining grid: timm indexes past their end on a larger input (an
+    IndexError at 320x320), and its feature_info names stages 'block.k'.
+    Here stages are 'stages.k', and each attention's tables are linearly
+    resized to the grid it sees (as detectron2's MViTv2 does): outputs
+    equal timm's MViTv2 built for 320x320 whose tables were resized the
+    same way, and equal timm's extractor at 224x224, where nothing is
+    resized."""
+    model = VBTimmBackbone('mvitv2_tiny').eval()
+    assert [model.stage_module_names(i) for i in range(4)] == [
+        (f'body.model.stages.{i}', ) for i in range(4)]
+    state = {k[len('body.'):]: v for k, v in model.state_dict().items()}
+    native = timm.create_model('mvitv2_tiny', features_only=True).eval()
+    native.load_state_dict(state)
+    x = torch.rand(1, 3, 320, 320)
+    with pytest.raises(IndexError):
+        with torch.no_grad():
+            native(x)
+    ref = timm.create_model('mvitv2_tiny', features_only=True,
+                            img_size=320).eval()
+    sizes = {k: v.shape[0] for k, v in ref.state_dict().items()
+             if k.endswith(('rel_pos_h', 'rel_pos_w'))}
+    assert sizes and any(n != state[k].shape[0] for k, n in sizes.items())
+    for key, n in sizes.items():
+        state[key] = torch.nn.functional.interpolate(
+            state[key].T[None], size=n, mode='linear')[0].T
+    ref.load_state_dict(state)
+    small = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        assert max(max_abs_diff(a, b) for a, b in zip(
+            model(x), ref(x))) <= 1e-5
+        assert max(max_abs_diff(a, b) for a, b in zip(
+            model(small), native(small))) == 0

@@ -132,11 +132,16 @@ def test_pyramid_options_errors():
             "pyramid must be one of ('auto', 'simple', 'multilevel', None), "
             'got True (bool)') + '$'):
         VBTimmBackbone(name, model_kwargs=kwargs, pyramid=True)
-    with pytest.raises(ValueError, match='^' + re.escape(
-            "pyramid='simple' is for single-scale models (ViT-style, every "
-            "level at one stride); 'resnet10t' is already multi-scale (timm "
-            "strides [2, 4, 8, 16, 32]): use pyramid=None or 'auto'") + '$'):
-        VBTimmBackbone('resnet10t', pyramid='simple')
+    for pyramid, applies in (
+            ('simple', 'models without a pyramid of their own (ViT-style: '
+             'no level finer than stride 7 or coarser than 16)'),
+            ('multilevel', 'single-scale models (ViT-style, every level at '
+             'one stride)')):
+        with pytest.raises(ValueError, match='^' + re.escape(
+                f"pyramid='{pyramid}' is for {applies}; 'resnet10t' is "
+                'already multi-scale (timm strides [2, 4, 8, 16, 32]): use '
+                "pyramid=None or 'auto'") + '$'):
+            VBTimmBackbone('resnet10t', pyramid=pyramid)
     with pytest.raises(ValueError, match='^' + re.escape(
             "pyramid='simple' needs levels='vb' (its outputs are strides "
             "4..32), got levels='timm'") + '$'):

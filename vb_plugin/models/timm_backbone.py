@@ -20,13 +20,23 @@ are timm's own, and maps timm's structure onto the contract:
   strictly, then move into the extractor; see :mod:`vb_plugin.weights.timm`.
 """
 import difflib
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from functools import lru_cache
+from typing import (Callable, Dict, Iterator, List, Optional, Sequence,
+                    Tuple)
 
 import timm
 import torch
-from timm.layers import PatchEmbed, to_2tuple
+from timm.layers import (PatchEmbed, resample_abs_pos_embed,
+                         resample_abs_pos_embed_nhwc,
+                         resize_rel_pos_bias_table_simple, to_2tuple)
 from timm.models import model_entrypoint, split_model_name_tag
+from timm.models.beit import Attention as BeitAttention
+from timm.models.beit import gen_relative_position_index
+from timm.models.mvitv2 import (MultiScaleAttention,
+                                MultiScaleAttentionPoolFirst)
 from timm.models.efficientnet import EfficientNetFeatures
 from timm.models.hrnet import HighResolutionNetFeatures
 from timm.models.mobilenetv3 import MobileNetV3Features
@@ -65,6 +75,18 @@ SIZE_DIVISORS = {
     'vision_transformer_hybrid': 16,
     'vitamin': 16,
 }
+
+#: Level module names timm's ``feature_info`` gets wrong (timm 1.0.31), by
+#: timm model module: (wrong prefix, the model's own). Twins and MViTv2 name
+#: their stages 'block.k', a module neither has.
+LEVEL_MODULE_RENAMES = {
+    'twins': ('block.', 'blocks.'),
+    'mvitv2': ('block.', 'stages.'),
+}
+
+#: timm's MViTv2 attentions, whose relative position tables are resized
+#: to each input (see _enter_mvit).
+MVIT_ATTENTIONS = (MultiScaleAttention, MultiScaleAttentionPoolFirst)
 
 #: timm's own options for inputs of any size, tried in this order; the
 #: first set the model accepts is used (a model refuses unknown keywords).
@@ -190,6 +212,11 @@ class _Chain:
         model's module ``module``."""
         if self.underscore:
             module = module.replace('.', '_')
+            if module in self.names:
+                # NOTE: a module that is itself an element was not
+                # flattened: Inception-ResNet's 'repeat_1' and 'repeat_2'
+                # are siblings of 'repeat', not inside it.
+                return element == module
             sep = '_'
         else:
             element = element[len(self.root):] if element.startswith(
@@ -243,13 +270,16 @@ def _resolve_modules(features: nn.Module, chain: _Chain,
     'encoder.blocks.0'): a name that is no module of the model is taken as
     the unique module path that ends with it; None when there is none."""
     if chain.underscore:
-        return [lv.module for lv in levels]
+        return [lv.module or None for lv in levels]
     root = features.get_submodule(chain.root[:-1]) if chain.root else features
     names = {n for n, _ in root.named_modules()}
     resolved = []
     for level in levels:
         module = level.module
-        if module not in names:
+        if not module:
+            # NOTE: '' (TResNet's stride-2 level) names no module.
+            module = None
+        elif module not in names:
             ends = [n for n in names if n.endswith('.' + module)]
             module = ends[0] if len(ends) == 1 else None
         resolved.append(module)
@@ -287,6 +317,10 @@ def _level_groups(features: nn.Module,
     probe = _chain(features)
     modules = _resolve_modules(features, probe, levels)
     chain = _chain(features, [m for m in modules if m is not None])
+    parallel = _parallel_elements(chain, modules)
+    if parallel:
+        chain = _Chain(tuple(e for e in chain.names if e not in parallel),
+                       chain.root, chain.underscore)
     hits = [[p for p, e in enumerate(chain.names) if chain.contains(e, m)]
             if m is not None else None for m in modules]
     groups, start = [], 0
@@ -303,7 +337,45 @@ def _level_groups(features: nn.Module,
                 f'{type(features).__name__}: {list(chain.names)}')
         groups.append(list(chain.names[start:end]))
         start = end
+    for element, (j, before) in parallel.items():
+        if before:
+            groups[j].insert(sum(parallel.get(e, (-1, False)) == (j, True)
+                                 for e in groups[j]), element)
+        else:
+            groups[j].append(element)
     return groups
+
+
+def _parallel_elements(chain: _Chain, modules: Sequence[Optional[str]]
+                       ) -> Dict[str, Tuple[int, bool]]:
+    """Elements of module lists that run beside the levels' own list.
+
+    When the levels are ``P.0`` .. ``P.n-1`` (Twins' ``blocks.k``), the
+    model keeps each stage's other parts in lists of the same length,
+    registered apart from ``P`` (``patch_embeds.k``, ``pos_drops.k``,
+    ``pos_block.k``): ``Q.k`` belongs to level ``k``, before its blocks if
+    ``Q`` is registered before ``P``. Returns element -> (level, before).
+    """
+    match = [re.fullmatch(r'(.+)\.(\d+)', m or '') for m in modules]
+    if not all(match) or len({m.group(1) for m in match}) != 1 or [
+            int(m.group(2)) for m in match] != list(range(len(modules))):
+        return {}
+    own = chain.root + match[0].group(1)
+    lists: Dict[str, List[str]] = {}
+    for element in chain.names:
+        head, _, index = element.rpartition('.')
+        if head and head != own and index.isdigit():
+            lists.setdefault(head, []).append(element)
+    first = next((i for i, e in enumerate(chain.names)
+                  if e.startswith(own + '.')), 0)
+    parallel = {}
+    for head, elements in lists.items():
+        if [e.rpartition('.')[2] for e in elements] != [
+                str(k) for k in range(len(modules))]:
+            continue
+        before = chain.names.index(elements[0]) < first
+        parallel.update({e: (k, before) for k, e in enumerate(elements)})
+    return parallel
 
 
 def _prune_blocks(body: nn.Module, kept_groups: Sequence[str],
@@ -358,14 +430,31 @@ VB_TIMM_SOURCE = WeightSource(
     description='a VBTimmBackbone state dict (keys under body.)',
     detect=r'^body\.')
 
+
+@dataclass(frozen=True)
+class _PositionGrid:
+    """A learned absolute position embedding laid on the token grid of one
+    stride: parameter ``name`` (relative to the extractor), its ``layout``
+    (``'NLC'`` with ``prefix`` class/distillation tokens first, ``'NCHW'``
+    or ``'NHWC'``; ``'REL'``: ``name`` is a BEiT attention whose relative
+    position table spans its window) and the ``grid`` it has at the
+    pretraining size."""
+    name: str
+    layout: str
+    stride: int
+    grid: Tuple[int, int]
+    prefix: int = 0
+
+
 @dataclass(frozen=True)
 class _SizeProbe:
     """What the meta-device probe of a timm model found about input sizes:
     the build error (or ''), the divisor its input needs, the patch size
-    to pad its input to."""
+    to pad its input to, the position embeddings to resample per input."""
     message: str = ''
     divisor: int = 1
     pad: int = 1
+    positions: Tuple[_PositionGrid, ...] = ()
 
 
 #: (model name, create keywords, in_channels) -> what the probe found; the
@@ -389,10 +478,223 @@ def _is_size_error(err: Exception) -> bool:
 
 
 def _timm_levels(model: nn.Module) -> List[TimmLevel]:
+    """The model's feature levels, module names corrected by
+    :data:`LEVEL_MODULE_RENAMES`."""
     info = model.feature_info
     rows = info.get_dicts() if hasattr(info, 'get_dicts') else list(info)
-    return [TimmLevel(i, int(r['num_chs']), int(r['reduction']),
-                      str(r['module'])) for i, r in enumerate(rows)]
+    wrong, right = LEVEL_MODULE_RENAMES.get(
+        type(model).__module__.rpartition('.')[2], (None, None))
+    levels = []
+    for i, r in enumerate(rows):
+        module = str(r['module'])
+        if wrong is not None and module.startswith(wrong):
+            module = right + module[len(wrong):]
+        levels.append(TimmLevel(i, int(r['num_chs']), int(r['reduction']),
+                                module))
+    return levels
+
+
+def _position_grids(model: nn.Module, native: Tuple[int, int],
+                    strides: Sequence[int]) -> Tuple[_PositionGrid, ...]:
+    """The model's absolute position embeddings: parameters named ``*pos*``
+    whose shape holds the token grid of the pretraining size ``native`` at
+    one of the model's feature ``strides``.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model('cait_xxs24_224', features_only=True)
+        >>> _position_grids(model, (224, 224), (16, ))
+        (_PositionGrid(name='model.pos_embed', layout='NLC', stride=16, \
+grid=(14, 14), prefix=0),)
+    """
+    found = []
+    for name, param in model.named_parameters():
+        if 'pos' not in name.rpartition('.')[2] or param.dim() not in (
+                3, 4) or param.shape[0] != 1:
+            continue
+        shape = tuple(param.shape[1:])
+        for stride in sorted(set(strides)):
+            if native[0] % stride or native[1] % stride:
+                continue
+            grid = (native[0] // stride, native[1] // stride)
+            tokens = grid[0] * grid[1]
+            if param.dim() == 4 and shape[1:] == grid:
+                found.append(_PositionGrid(name, 'NCHW', stride, grid))
+            elif param.dim() == 4 and shape[:2] == grid:
+                found.append(_PositionGrid(name, 'NHWC', stride, grid))
+            elif param.dim() == 3 and 0 <= shape[0] - tokens <= 8:
+                found.append(_PositionGrid(name, 'NLC', stride, grid,
+                                           shape[0] - tokens))
+            else:
+                continue
+            break
+    # NOTE: BEiT's per-block relative position tables span its window,
+    # which is the whole token grid.
+    for name, module in model.named_modules():
+        window = getattr(module, 'window_size', None)
+        # NOTE: timm's table resize takes square source windows only.
+        if not isinstance(module, BeitAttention) or window is None or (
+                window[0] != window[1]):
+            continue
+        for stride in sorted(set(strides)):
+            if (native[0] // stride, native[1] // stride) == tuple(window):
+                found.append(_PositionGrid(name, 'REL', stride,
+                                           tuple(window)))
+                break
+    return tuple(found)
+
+
+def _resampled_positions(model: nn.Module, grids: Sequence[_PositionGrid],
+                         size: Sequence[int]) -> Dict[str, object]:
+    """The position embeddings resampled (bicubic, antialiased: timm's own
+    functions) to the token grids of an input of ``size`` (a multiple of
+    every grid's stride); BEiT's relative position tables as
+    :func:`_window_values` makes them. Computed from the parameters, so
+    gradients reach them; parameters the extractor no longer has (pruned)
+    are skipped."""
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    out: Dict[str, object] = {}
+    for g in grids:
+        new = [size[0] // g.stride, size[1] // g.stride]
+        if g.layout == 'REL':
+            attn = modules.get(g.name)
+            if attn is not None:
+                out.update({f'{g.name}.{k}': v for k, v in _window_values(
+                    attn, g.grid, new).items()})
+            continue
+        param = params.get(g.name)
+        if param is None:
+            continue
+        if g.layout == 'NLC':
+            out[g.name] = resample_abs_pos_embed(
+                param, new, list(g.grid), num_prefix_tokens=g.prefix)
+        elif g.layout == 'NHWC':
+            out[g.name] = resample_abs_pos_embed_nhwc(param, new)
+        else:
+            out[g.name] = resample_abs_pos_embed_nhwc(
+                param.permute(0, 2, 3, 1), new).permute(0, 3, 1, 2)
+    return out
+
+
+@lru_cache(maxsize=2)
+def _beit_index(grid: Tuple[int, int]) -> torch.Tensor:
+    """timm's BEiT relative position index for a token grid (the same for
+    every block; (h * w + 1)^2 entries, so made once per grid)."""
+    return gen_relative_position_index(grid, device='cpu')
+
+
+def _window_values(attn: nn.Module, native: Tuple[int, int],
+                   grid: Sequence[int]) -> Dict[str, object]:
+    """A BEiT attention's relative position table, index and window for a
+    token ``grid`` (nothing at its ``native`` grid): the table resized by
+    timm's bicubic resize, not the geometric one timm's ``set_input_size``
+    uses (a per-head Python loop: for BEiT-B's 12 tables at 800x1216,
+    about 1 s per forward here against 0.03 s)."""
+    grid = tuple(grid)
+    if not torch.jit.is_tracing() and grid == tuple(native):
+        return {}
+    table = attn.relative_position_bias_table
+    return {
+        'relative_position_bias_table': resize_rel_pos_bias_table_simple(
+            table, new_window_size=grid,
+            new_bias_shape=((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3,
+                            table.shape[1])),
+        'relative_position_index': _beit_index(grid).to(table.device),
+        'window_size': grid,
+    }
+
+
+def _swap(model: nn.Module, values: Dict[str, object], saved: list) -> None:
+    """Set ``model``'s parameters, buffers or attributes named in
+    ``values`` to those values; ``saved`` gets what :func:`_restore` puts
+    back."""
+    for name, value in values.items():
+        owner, _, attr = name.rpartition('.')
+        module = model.get_submodule(owner)
+        for kind in ('_parameters', '_buffers'):
+            table = getattr(module, kind)
+            if attr in table:
+                saved.append((module, attr, kind, table.pop(attr)))
+                break
+        else:
+            saved.append((module, attr, None, getattr(module, attr)))
+        setattr(module, attr, value)
+
+
+def _restore(saved: list) -> None:
+    for module, attr, kind, old in reversed(saved):
+        if kind is None:
+            setattr(module, attr, old)
+        else:
+            delattr(module, attr)
+            getattr(module, kind)[attr] = old
+
+
+@contextmanager
+def _replaced(model: nn.Module,
+              values: Dict[str, object]) -> Iterator[None]:
+    """Within the block, ``model``'s parameters, buffers or attributes named
+    in ``values`` are those values (tensors computed from the parameters,
+    so gradients flow back to them); restored on exit. torch's
+    ``functional_call`` does this for tensors, but not under the ONNX
+    tracer ("The stateless API can't be used with Jitted modules")."""
+    saved: list = []
+    try:
+        _swap(model, values, saved)
+        yield
+    finally:
+        _restore(saved)
+
+
+def _enter_window(attn: nn.Module, args) -> None:
+    """Forward pre-hook of a BEiT attention: its table, index and window
+    for the grid the backbone set (``vb_grid``). A hook, not a swap around
+    the whole model, so that gradient checkpointing, which runs the block
+    again during the backward, gets them again."""
+    attn.vb_saved = []
+    _swap(attn, _window_values(attn, attn.vb_native, attn.vb_grid),
+          attn.vb_saved)
+
+
+def _exit_window(attn: nn.Module, args, output) -> None:
+    """Forward hook: puts back what a pre-hook swapped in."""
+    _restore(attn.__dict__.pop('vb_saved', []))
+
+
+def _pooled(pool: Optional[nn.Module], n: int, axis: int) -> int:
+    if pool is None:
+        return n
+    kernel, stride, pad = (to_2tuple(getattr(pool, a))[axis]
+                           for a in ('kernel_size', 'stride', 'padding'))
+    return (n + 2 * pad - kernel) // stride + 1
+
+
+def _enter_mvit(attn: nn.Module, args) -> None:
+    """Forward pre-hook of an MViTv2 attention: its relative position
+    tables (one per axis, sized ``2 * max(q, k) - 1`` for the pretraining
+    grid) linearly resized to the grid it is called with, as detectron2's
+    MViTv2 resizes them (timm indexes past their end on a larger grid)."""
+    values = {}
+    for name, axis in (('rel_pos_h', 0), ('rel_pos_w', 1)):
+        n = args[1][axis]
+        length = 2 * max(_pooled(attn.pool_q, n, axis),
+                         _pooled(attn.pool_k, n, axis)) - 1
+        table = getattr(attn, name)
+        if torch.jit.is_tracing() or length != table.shape[0]:
+            values[name] = torch.nn.functional.interpolate(
+                table.T.unsqueeze(0), size=length, mode='linear',
+                align_corners=False)[0].T
+    attn.vb_saved = []
+    _swap(attn, values, attn.vb_saved)
+
+
+def _relax_patch_embeds(model: nn.Module) -> None:
+    """timm's patch embeddings stop checking the input against their
+    pretraining size (the position embeddings are resampled instead)."""
+    for module in model.modules():
+        if isinstance(module, PatchEmbed):
+            module.strict_img_size = False
 
 
 @MODELS.register_module()
@@ -420,11 +722,13 @@ class VBTimmBackbone(VBBackbone):
         pyramid (str, optional): How a single-scale model (every level at
             one stride: ViT, DeiT, DINOv2, EVA-02, BEiT) gives strides
             4..32. 'simple': ViTDet's simple feature pyramid from the last
-            map; 'multilevel': four evenly spaced blocks, each resampled
-            (BEiT, mmseg's ViT-UperNet); None: the raw levels at the
-            model's own stride. A map at another stride than 16 (patch 14)
-            is first resized to the stride-16 grid. 'auto' is 'simple' for
-            single-scale models and None for the others. Defaults to 'auto'.
+            map, also for models with no level finer than stride 7 or
+            coarser than 16 (VOLO, Sequencer); 'multilevel': four evenly
+            spaced blocks, each resampled (BEiT, mmseg's ViT-UperNet);
+            None: the raw levels at the model's own stride. A map at
+            another stride than 16 (patch 14) is first resized to the
+            stride-16 grid. 'auto' is 'simple' where 'simple' applies and
+            None for the others. Defaults to 'auto'.
         model_kwargs (dict, optional): Other ``timm.create_model`` keywords
             (e.g. ``act_layer``, ``img_size``). timm's options for any
             input size (``dynamic_img_size``, ``dynamic_img_pad``,
@@ -504,7 +808,10 @@ class VBTimmBackbone(VBBackbone):
         self.timm_levels = self._read_levels()
         self.plan = plan_stages([lv.reduction for lv in self.timm_levels],
                                 levels)
-        all_levels = tuple(range(len(self.timm_levels)))
+        # NOTE: timm cannot extract a level whose module is '' (TResNet's
+        # stride-2 level): the full extractor leaves it out.
+        all_levels = tuple(lv.index for lv in self.timm_levels if lv.module)
+        self._full_levels = all_levels
         try:
             with torch.device('meta'):
                 full = self._create_features(all_levels)
@@ -630,6 +937,7 @@ class VBTimmBackbone(VBBackbone):
         embed = getattr(model, 'patch_embed', None)
         patch = getattr(embed, 'patch_size', None)
         self.input_pad = 1
+        self.position_grids: Tuple[_PositionGrid, ...] = ()
         # NOTE: only timm's PatchEmbed (non-overlapping patches) needs it;
         # overlapping conv embeddings (PVT v2) take any size.
         if isinstance(embed, PatchEmbed) and not embed.dynamic_img_pad:
@@ -657,9 +965,13 @@ class VBTimmBackbone(VBBackbone):
         * A size error at ``probe``: multiples of ``32 * k`` (k = 2..16)
           are tried at two non-square sizes each, and the smallest that
           runs becomes :attr:`size_divisor` (HaloNet's blocks: 256); if
-          none does, the model takes one size only (fixed position or
-          attention biases, and no timm option for others): ``ValueError``
-          naming it, instead of timm's error at the first forward.
+          none does, learned absolute position embeddings on the token
+          grid (CaiT, VOLO, Visformer) are resampled to each input's grid
+          (:attr:`position_grids`, timm's bicubic resampling, with the
+          input padded to their largest stride); if that does not run
+          either, the model takes one size only (fixed attention biases,
+          and no timm option for others): ``ValueError`` naming it,
+          instead of timm's error at the first forward.
 
         Models that meta cannot run (or that were built for real) are left
         to the forward's check. A user who passes
@@ -675,6 +987,7 @@ class VBTimmBackbone(VBBackbone):
             raise ValueError(found.message)
         self.size_divisor = max(self.size_divisor, found.divisor)
         self.input_pad = max(self.input_pad, found.pad)
+        self.position_grids = found.positions
 
     def _probe(self, full: nn.Module) -> _SizeProbe:
         param = next(full.parameters(), None)
@@ -683,11 +996,14 @@ class VBTimmBackbone(VBBackbone):
         native = tuple(self.pretrained_input_size)
         step = max(32, self.size_divisor, self.input_pad)
 
+        positions: Tuple[_PositionGrid, ...] = ()
+
         def run_at(size) -> Tuple[Optional[list], Optional[Exception]]:
+            x = torch.empty(1, self.in_channels, *size, device='meta')
             try:
-                with torch.no_grad():
-                    return _feature_list(full.eval()(torch.empty(
-                        1, self.in_channels, *size, device='meta'))), None
+                with torch.no_grad(), _replaced(
+                        full, _resampled_positions(full, positions, size)):
+                    return _feature_list(full.eval()(x)), None
             except Exception as err:  # noqa: BLE001 - classified below
                 return None, err
 
@@ -730,6 +1046,16 @@ class VBTimmBackbone(VBBackbone):
         for div in tried:
             if runs(div):
                 return _SizeProbe(divisor=div)
+        # NOTE: fixed learned position embeddings (CaiT, VOLO, Visformer)
+        # are resampled per input from the pretraining grid, as timm does
+        # for ViT; the input is padded to their largest stride.
+        positions = _position_grids(
+            full, native, [lv.reduction for lv in self.timm_levels])
+        if positions:
+            _relax_patch_embeds(full)
+            pad = max(g.stride for g in positions)
+            if runs(pad):
+                return _SizeProbe(pad=pad, positions=positions)
         reason = (str(err).splitlines() or [''])[0][:160]
         return _SizeProbe(
             f'model_name={self.model_name!r} takes only {native[0]}x'
@@ -746,7 +1072,9 @@ class VBTimmBackbone(VBBackbone):
         or ceil) at the levels this backbone outputs, or ''."""
         for k in range(len(self.plan.stage_levels)):
             level = self.timm_levels[self.plan.output_level(k)]
-            out = outs[level.index] if level.index < len(outs) else None
+            at = (self._full_levels.index(level.index)
+                  if level.index in self._full_levels else len(outs))
+            out = outs[at] if at < len(outs) else None
             if out is None:
                 continue
             got = tuple(out.shape[1:3] if self._nhwc else out.shape[2:4])
@@ -767,14 +1095,26 @@ class VBTimmBackbone(VBBackbone):
                          levels_out: List[TimmLevel]) -> Optional[str]:
         strides = [lv.reduction for lv in self.timm_levels]
         single = len(set(strides)) == 1
+        # NOTE: a model with no level finer than stride 7 and none coarser
+        # than 16 (VOLO: 8, 16, 16, 16; Sequencer: 7, 14, 14, 14) has no
+        # pyramid of its own either: the simple pyramid is built on its
+        # last map, as on a ViT's.
+        plain = single or (min(strides) > 4 and max(strides) <= 16)
         if pyramid == 'auto':
-            pyramid = 'simple' if single and levels == 'vb' else None
+            pyramid = 'simple' if plain and levels == 'vb' else None
         if pyramid is None:
             return None
-        if not single:
+        if pyramid == 'multilevel' and not single:
             raise ValueError(
                 f'pyramid={pyramid!r} is for single-scale models (ViT-style, '
                 f'every level at one stride); {self.model_name!r} is already '
+                f'multi-scale (timm strides {strides}): use pyramid=None or '
+                "'auto'")
+        if not plain:
+            raise ValueError(
+                f'pyramid={pyramid!r} is for models without a pyramid of '
+                'their own (ViT-style: no level finer than stride 7 or '
+                f'coarser than 16); {self.model_name!r} is already '
                 f'multi-scale (timm strides {strides}): use pyramid=None or '
                 "'auto'")
         if levels != 'vb':
@@ -844,6 +1184,25 @@ class VBTimmBackbone(VBBackbone):
         # has one and is not marked is_init (timm's HRNet features have
         # one): it would draw timm's init again, over a user's init_cfg.
         body.is_init = True
+        if self.position_grids:
+            _relax_patch_embeds(body)
+        # NOTE: BEiT's tables are swapped by hooks on its attentions (see
+        # _enter_window), for the grid forward_features sets.
+        modules = dict(body.named_modules())
+        self._window_names = tuple(g.name for g in self.position_grids
+                                   if g.layout == 'REL' and g.name in modules)
+        for name in self._window_names:
+            attn = modules[name]
+            attn.vb_native = attn.vb_grid = attn.window_size
+            attn.register_forward_pre_hook(_enter_window)
+            attn.register_forward_hook(_exit_window)
+        mvit = tuple(n for n, m in modules.items()
+                     if isinstance(m, MVIT_ATTENTIONS)
+                     and m.rel_pos_type == 'spatial')
+        for name in mvit:
+            modules[name].register_forward_pre_hook(_enter_mvit)
+            modules[name].register_forward_hook(_exit_window)
+        self._window_names += mvit
         prune = _quirks(body).prune
         if prune is not None:
             prune(body, self._stage_groups[self.num_built_stages - 1],
@@ -933,8 +1292,19 @@ class VBTimmBackbone(VBBackbone):
             x = torch.nn.functional.pad(
                 x, (0, -size[1] % pad, 0, -size[0] % pad))
         try:
-            feats = self.body(x)
+            padded = x.shape[-2:]
+            for g in self.position_grids:
+                if g.layout == 'REL' and g.name in self._window_names:
+                    self.body.get_submodule(g.name).vb_grid = (
+                        padded[0] // g.stride, padded[1] // g.stride)
+            with _replaced(self.body, _resampled_positions(
+                    self.body, [g for g in self.position_grids
+                                if g.layout != 'REL'], padded)):
+                feats = self.body(x)
         except (AssertionError, RuntimeError) as err:
+            # NOTE: a block that failed mid-way never ran its exit hook.
+            for name in self._window_names:
+                _exit_window(self.body.get_submodule(name), None, None)
             native = tuple(self.pretrained_input_size)
             if tuple(x.shape[-2:]) == native or not _is_size_error(err):
                 raise
