@@ -233,6 +233,34 @@ def test_mask_rcnn_trains_and_predicts_at_a_detection_size(key):
     assert len(preds) == 2 and preds[0].pred_instances.bboxes.shape[1] == 4
 
 
+@pytest.mark.parametrize('name,table', [
+    ('cait_xxs24_224', 'body.model.pos_embed'),
+    ('beit_base_patch16_224',
+     'body.model.blocks.0.attn.relative_position_bias_table'),
+])
+def test_mask_rcnn_trains_fixed_position_tables_at_a_detection_size(
+        name, table):
+    """CaiT's position embedding and BEiT's relative position tables are
+    fixed to the 14x14 grid in timm; resampled per input, a Mask R-CNN
+    trains on non-square 192x288 images and the step updates them (the
+    tables are parameters of their pretraining shape)."""
+    from mmengine.config import Config
+    from vb_plugin.apis import build_detector, synthetic_detection_batch
+    cfg = Config.fromfile('configs/mask_rcnn/mask-rcnn_vb-r18_fpn_toy.py')
+    cfg.model.backbone = dict(
+        type='VBTimmBackbone', model_name=name,
+        model_kwargs=dict(depth=4, embed_dim=32, num_heads=2))
+    model = build_detector(cfg, pretrained=False)
+    assert model.backbone.out_strides == (4, 8, 16, 32)
+    batch = synthetic_detection_batch(num_images=2, size=(192, 288),
+                                      num_classes=3)
+    _, preds, before = checked_train_step(model, batch)
+    after = dict(model.backbone.named_parameters())[table]
+    assert after.shape == before[table].shape
+    assert not torch.equal(after, before[table])
+    assert len(preds) == 2
+
+
 def test_layer_decay_by_block_from_the_real_optimizer():
     """ViTDet's layer-wise decay (0.7) through VBLayerDecayOptimizerConstructor:
     embeddings are layer 0, block i is layer i + 1, the pyramid, neck and
