@@ -487,3 +487,26 @@ def test_inference_model_of_a_segmentor_with_the_backbone_on_an_engine(
     assert (out.seg_logits.data - ref.seg_logits.data).abs().max() <= 1e-3
     same = (out.pred_sem_seg.data == ref.pred_sem_seg.data).float().mean()
     assert same >= 0.999
+
+
+@pytest.mark.parametrize('threads,sessions', [(None, 1), (3, 2)])
+def test_onnxruntime_engine_reuses_the_sessions_of_the_export_check(
+        threads, sessions, monkeypatch):
+    """The export's onnxruntime check session is the fp32 engine (one
+    session, not two) unless the engine asks for other threads."""
+    made = []
+
+    class Counted(ort.InferenceSession):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ort, 'InferenceSession', Counted)
+    model = VBResNet(depth=18, base_channels=8).eval()
+    fast = engine_model(model, backend='onnxruntime', threads=threads)
+    assert len(made) == sessions
+    assert fast.export.session is None
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        assert max_abs_difference(model(x), fast(x)) <= 1e-4
+    copy.deepcopy(fast)

@@ -174,8 +174,9 @@ def _ov_compile(onnx_model: bytes, dtype: str, threads: int) -> _Compiled:
     return _Compiled('openvino', _OpenVINORun(onnx_model, dtype, threads))
 
 
-def _ort_compile(onnx_model: bytes, threads: int) -> _Compiled:
-    session = ort_session(onnx_model, threads)
+def _ort_compile(onnx_model: bytes, threads: int,
+                 session=None) -> _Compiled:
+    session = session or ort_session(onnx_model, threads)
     name = session.get_inputs()[0].name
     return _Compiled('onnxruntime',
                      lambda array: session.run(None, {name: array}))
@@ -378,6 +379,13 @@ def engine_model(model: nn.Module,
     if dtype == 'int8':
         batches = _calibration_batches(calibration, calibration_limit)
     exported = export_onnx(model, example_input=example_input, check=check)
+    # NOTE: the export's check session is the fp32 onnxruntime engine when
+    # its threads are the engine's (made once, not twice); the record
+    # kept on the module does not hold it (sessions cannot be copied).
+    checked = exported.session
+    exported = dataclasses.replace(exported, session=None)
+    if threads != torch.get_num_threads():
+        checked = None
     if example_input is None and batches:
         example_input = batches[0]
     onnx_model = exported.model
@@ -389,7 +397,8 @@ def engine_model(model: nn.Module,
         check_openvino_ops(onnx_model, type(model).__name__)
         compiled = _ov_compile(onnx_model, dtype, threads)
     else:
-        compiled = _ort_compile(onnx_model, threads)
+        compiled = _ort_compile(onnx_model, threads,
+                                checked if dtype == 'fp32' else None)
     result = EngineModel(compiled, dtype, exported, model).eval()
     if check:
         x = example_input if example_input is not None else (

@@ -55,6 +55,8 @@ class OnnxExport:
         checks (list[tuple]): ``(input shape, max abs diff, tolerance)`` of
             each onnxruntime check.
         folded (int): BN layers folded into convs before export.
+        session: The onnxruntime session of the checks (None without
+            them), for a caller that runs the model on onnxruntime next.
     """
     path: str
     model: bytes
@@ -63,6 +65,8 @@ class OnnxExport:
     opset: int
     checks: List[Tuple[Tuple[int, ...], float, float]]
     folded: int
+    session: Optional[object] = dataclasses.field(default=None, repr=False,
+                                                  compare=False)
 
 
 def check_exportable(model: nn.Module) -> None:
@@ -326,7 +330,7 @@ def export_onnx(model: nn.Module,
             f'{type(model).__name__} cannot be exported to ONNX (opset '
             f'{opset}): {type(err).__name__}: {str(err)[:500]}') from err
     data = buffer.getvalue()
-    checks = []
+    checks, session = [], None
     if check:
         session = ort_session(data)
         cases = [(example_input, ref_outs)]
@@ -357,7 +361,7 @@ def export_onnx(model: nn.Module,
         Path(path).write_bytes(data)
     return OnnxExport(path=str(path or ''), model=data,
                       input_name=INPUT_NAME, output_names=names, opset=opset,
-                      checks=checks, folded=folded)
+                      checks=checks, folded=folded, session=session)
 
 
 def export_config(cfg,
