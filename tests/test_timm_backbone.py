@@ -940,3 +940,38 @@ def test_mvitv2_relative_position_tables_follow_the_input():
             model(x), ref(x))) <= 1e-5
         assert max(max_abs_diff(a, b) for a, b in zip(
             model(small), native(small))) == 0
+
+
+def test_convit_positional_attention_takes_non_square_grids():
+    """ConViT's gated positional attention makes relative indices for a
+    square grid of N tokens only (a non-square input fails in timm), and
+    its position embedding is fixed to 14x14. Here both follow the input:
+    at 256x256 outputs equal timm's ConViT built for 256 with the
+    embedding resampled by torch's bicubic antialiased interpolation
+    (timm's own square indices), and non-square inputs run, where timm's
+    ConViT built for one fails."""
+    model = VBTimmBackbone('convit_tiny', pyramid=None).eval()
+    assert sorted({g.layout for g in model.position_grids}) == [
+        'GPSA', 'NLC']
+    ref = timm.create_model('convit_tiny', features_only=True,
+                            out_indices=model.body.feature_info.out_indices,
+                            img_size=256).eval()
+    state = {k[len('body.'):]: v for k, v in model.state_dict().items()}
+    pos = state['model.pos_embed'].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    state['model.pos_embed'] = torch.nn.functional.interpolate(
+        pos, size=(16, 16), mode='bicubic', antialias=True).flatten(
+            2).transpose(1, 2)
+    ref.load_state_dict(state)
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        assert max(max_abs_diff(a, b)
+                   for a, b in zip(model(x), ref(x))) <= 1e-5
+    # NOTE: timm's ConViT built for 256x320 fails in its attention.
+    wide = timm.create_model('convit_tiny', features_only=True,
+                             img_size=(256, 320)).eval()
+    with pytest.raises(RuntimeError, match='must match the existing size'):
+        with torch.no_grad():
+            wide(torch.rand(1, 3, 256, 320))
+    with torch.no_grad():
+        outs = model(torch.rand(1, 3, 225, 301))
+    assert [tuple(o.shape[-2:]) for o in outs] == [(15, 19)] * len(outs)

@@ -35,6 +35,7 @@ from timm.layers import (PatchEmbed, resample_abs_pos_embed,
 from timm.models import model_entrypoint, split_model_name_tag
 from timm.models.beit import Attention as BeitAttention
 from timm.models.beit import gen_relative_position_index
+from timm.models.convit import GPSA
 from timm.models.mvitv2 import (MultiScaleAttention,
                                 MultiScaleAttentionPoolFirst)
 from timm.models.efficientnet import EfficientNetFeatures
@@ -437,7 +438,7 @@ class _PositionGrid:
     stride: parameter ``name`` (relative to the extractor), its ``layout``
     (``'NLC'`` with ``prefix`` class/distillation tokens first, ``'NCHW'``
     or ``'NHWC'``; ``'REL'``: ``name`` is a BEiT attention whose relative
-    position table spans its window) and the ``grid`` it has at the
+    position table spans its window; ``'GPSA'``: a ConViT attention) and the ``grid`` it has at the
     pretraining size."""
     name: str
     layout: str
@@ -541,6 +542,13 @@ grid=(14, 14), prefix=0),)
                 found.append(_PositionGrid(name, 'REL', stride,
                                            tuple(window)))
                 break
+    # NOTE: ConViT's gated positional attention makes its relative indices
+    # for a square grid of N tokens; a single-scale model's grid is known.
+    if len(set(strides)) == 1 and not native[0] % strides[0]:
+        grid = (native[0] // strides[0], native[1] // strides[0])
+        found += [_PositionGrid(name, 'GPSA', strides[0], grid)
+                  for name, module in model.named_modules()
+                  if isinstance(module, GPSA)]
     return tuple(found)
 
 
@@ -557,11 +565,11 @@ def _resampled_positions(model: nn.Module, grids: Sequence[_PositionGrid],
     out: Dict[str, object] = {}
     for g in grids:
         new = [size[0] // g.stride, size[1] // g.stride]
-        if g.layout == 'REL':
+        if g.layout in GRID_MODULES:
             attn = modules.get(g.name)
             if attn is not None:
-                out.update({f'{g.name}.{k}': v for k, v in _window_values(
-                    attn, g.grid, new).items()})
+                out.update({f'{g.name}.{k}': v for k, v in GRID_MODULES[
+                    g.layout](attn, g.grid, new).items()})
             continue
         param = params.get(g.name)
         if param is None:
@@ -603,6 +611,30 @@ def _window_values(attn: nn.Module, native: Tuple[int, int],
         'relative_position_index': _beit_index(grid).to(table.device),
         'window_size': grid,
     }
+
+
+def _gpsa_values(attn: nn.Module, native: Tuple[int, int],
+                 grid: Sequence[int]) -> Dict[str, object]:
+    """A ConViT attention's relative indices (x offset, y offset, squared
+    distance between every two tokens) for a token ``grid`` of any shape;
+    timm makes them for a square one (nothing at its ``native`` grid)."""
+    grid = tuple(grid)
+    if not torch.jit.is_tracing() and grid == tuple(native):
+        return {}
+    weight = attn.qk.weight
+    index = torch.arange(grid[0] * grid[1], device=weight.device)
+    row, col = index // grid[1], index % grid[1]
+    dx = (col[None, :] - col[:, None]).to(weight.dtype)
+    dy = (row[None, :] - row[:, None]).to(weight.dtype)
+    return {'rel_indices': torch.stack([dx, dy, dx ** 2 + dy ** 2], -1)[None]}
+
+
+#: Attentions whose position state is made for a token grid, by the layout
+#: of their _PositionGrid: the values for a grid (see _enter_window).
+GRID_MODULES: Dict[str, Callable[..., Dict[str, object]]] = {
+    'REL': _window_values,
+    'GPSA': _gpsa_values,
+}
 
 
 def _swap(model: nn.Module, values: Dict[str, object], saved: list) -> None:
@@ -648,13 +680,14 @@ def _replaced(model: nn.Module,
 
 
 def _enter_window(attn: nn.Module, args) -> None:
-    """Forward pre-hook of a BEiT attention: its table, index and window
-    for the grid the backbone set (``vb_grid``). A hook, not a swap around
-    the whole model, so that gradient checkpointing, which runs the block
-    again during the backward, gets them again."""
+    """Forward pre-hook of an attention of :data:`GRID_MODULES` (BEiT's,
+    ConViT's): its position state for the grid the backbone set
+    (``vb_grid``). A hook, not a swap around the whole model, so that
+    gradient checkpointing, which runs the block again during the
+    backward, gets it again."""
     attn.vb_saved = []
-    _swap(attn, _window_values(attn, attn.vb_native, attn.vb_grid),
-          attn.vb_saved)
+    _swap(attn, GRID_MODULES[attn.vb_layout](attn, attn.vb_native,
+                                             attn.vb_grid), attn.vb_saved)
 
 
 def _exit_window(attn: nn.Module, args, output) -> None:
@@ -1186,14 +1219,17 @@ class VBTimmBackbone(VBBackbone):
         body.is_init = True
         if self.position_grids:
             _relax_patch_embeds(body)
-        # NOTE: BEiT's tables are swapped by hooks on its attentions (see
-        # _enter_window), for the grid forward_features sets.
+        # NOTE: BEiT's tables and ConViT's indices are swapped by hooks on
+        # their attentions (see _enter_window), for the grid
+        # forward_features sets.
         modules = dict(body.named_modules())
-        self._window_names = tuple(g.name for g in self.position_grids
-                                   if g.layout == 'REL' and g.name in modules)
-        for name in self._window_names:
-            attn = modules[name]
-            attn.vb_native = attn.vb_grid = attn.window_size
+        grids = [g for g in self.position_grids
+                 if g.layout in GRID_MODULES and g.name in modules]
+        self._window_names = tuple(g.name for g in grids)
+        for g in grids:
+            attn = modules[g.name]
+            attn.vb_layout = g.layout
+            attn.vb_native = attn.vb_grid = g.grid
             attn.register_forward_pre_hook(_enter_window)
             attn.register_forward_hook(_exit_window)
         mvit = tuple(n for n, m in modules.items()
@@ -1294,12 +1330,12 @@ class VBTimmBackbone(VBBackbone):
         try:
             padded = x.shape[-2:]
             for g in self.position_grids:
-                if g.layout == 'REL' and g.name in self._window_names:
+                if g.layout in GRID_MODULES and g.name in self._window_names:
                     self.body.get_submodule(g.name).vb_grid = (
                         padded[0] // g.stride, padded[1] // g.stride)
             with _replaced(self.body, _resampled_positions(
                     self.body, [g for g in self.position_grids
-                                if g.layout != 'REL'], padded)):
+                                if g.layout not in GRID_MODULES], padded)):
                 feats = self.body(x)
         except (AssertionError, RuntimeError) as err:
             # NOTE: a block that failed mid-way never ran its exit hook.
