@@ -975,3 +975,28 @@ def test_convit_positional_attention_takes_non_square_grids():
     with torch.no_grad():
         outs = model(torch.rand(1, 3, 225, 301))
     assert [tuple(o.shape[-2:]) for o in outs] == [(15, 19)] * len(outs)
+
+
+def test_vit_relpos_bias_mlp_reads_the_inputs_window():
+    """ViT-RelPos computes its biases by an MLP from the coordinates of a
+    window fixed to the pretraining grid (its patch embedding also refuses
+    other sizes). Here each attention's MLP gets the input's window: equal
+    to timm's own set_input_size (which changes buffers only) on the same
+    weights, at a non-square size and at an odd one (padded to 16)."""
+    model = VBTimmBackbone('test_vit_relpos', pyramid=None).eval()
+    assert {g.layout for g in model.position_grids} == {'MLP'}
+    state = {k[len('body.'):]: v for k, v in model.state_dict().items()}
+    for size, padded in (((256, 320), (256, 320)), ((225, 301), (240, 304))):
+        ref = timm.create_model(
+            'test_vit_relpos', features_only=True,
+            out_indices=model.body.feature_info.out_indices).eval()
+        ref.load_state_dict(state)
+        ref.model.set_input_size(img_size=padded)
+        x = torch.rand(1, 3, *size)
+        pad = (0, padded[1] - size[1], 0, padded[0] - size[0])
+        with torch.no_grad():
+            outs = model(x)
+            refs = ref(torch.nn.functional.pad(x, pad))
+        grid = (-(-size[0] // 16), -(-size[1] // 16))
+        assert [tuple(o.shape[-2:]) for o in outs] == [grid] * len(outs)
+        assert max(max_abs_diff(a, b) for a, b in zip(outs, refs)) <= 1e-5

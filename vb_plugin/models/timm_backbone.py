@@ -36,6 +36,9 @@ from timm.models import model_entrypoint, split_model_name_tag
 from timm.models.beit import Attention as BeitAttention
 from timm.models.beit import gen_relative_position_index
 from timm.models.convit import GPSA
+from timm.layers.pos_embed_rel import RelPosMlp, gen_relative_log_coords
+from timm.layers.pos_embed_rel import \
+    gen_relative_position_index as rel_pos_index
 from timm.models.mvitv2 import (MultiScaleAttention,
                                 MultiScaleAttentionPoolFirst)
 from timm.models.efficientnet import EfficientNetFeatures
@@ -438,7 +441,8 @@ class _PositionGrid:
     stride: parameter ``name`` (relative to the extractor), its ``layout``
     (``'NLC'`` with ``prefix`` class/distillation tokens first, ``'NCHW'``
     or ``'NHWC'``; ``'REL'``: ``name`` is a BEiT attention whose relative
-    position table spans its window; ``'GPSA'``: a ConViT attention) and the ``grid`` it has at the
+    position table spans its window; ``'GPSA'``: a ConViT attention;
+    ``'MLP'``: a ViT-RelPos attention, whose bias MLP reads its window) and the ``grid`` it has at the
     pretraining size."""
     name: str
     layout: str
@@ -542,6 +546,21 @@ grid=(14, 14), prefix=0),)
                 found.append(_PositionGrid(name, 'REL', stride,
                                            tuple(window)))
                 break
+    # NOTE: timm's ViT-RelPos computes its relative position biases by an
+    # MLP from coordinates of its window, the token grid (a model-level
+    # shared one is called outside forward, where no hook sees it).
+    mlps = [(n, m) for n, m in model.named_modules()
+            if isinstance(m, RelPosMlp)]
+    if not any(n.endswith('shared_rel_pos') for n, _ in mlps):
+        for name, module in mlps:
+            for stride in sorted(set(strides)):
+                grid = (native[0] // stride, native[1] // stride)
+                if grid == tuple(module.window_size):
+                    # NOTE: named by its attention, which calls it (or its
+                    # get_bias, with fused attention) inside its forward.
+                    found.append(_PositionGrid(name.rpartition('.')[0],
+                                               'MLP', stride, grid))
+                    break
     # NOTE: ConViT's gated positional attention makes its relative indices
     # for a square grid of N tokens; a single-scale model's grid is known.
     if len(set(strides)) == 1 and not native[0] % strides[0]:
@@ -629,11 +648,37 @@ def _gpsa_values(attn: nn.Module, native: Tuple[int, int],
     return {'rel_indices': torch.stack([dx, dy, dx ** 2 + dy ** 2], -1)[None]}
 
 
+def _mlp_values(attn: nn.Module, native: Tuple[int, int],
+                grid: Sequence[int]) -> Dict[str, object]:
+    """A ViT-RelPos attention's bias MLP (``rel_pos``): its window, index
+    and log coordinates for a token ``grid``, as its ``set_window_size``
+    makes them (the MLP's weights do not depend on the window; nothing at
+    its ``native`` grid)."""
+    grid = tuple(grid)
+    if not torch.jit.is_tracing() and grid == tuple(native):
+        return {}
+    rel_pos = attn.rel_pos
+    coords = rel_pos.rel_coords_log
+    area = grid[0] * grid[1]
+    values = {
+        'window_size': grid, 'window_area': area,
+        'bias_shape': (area, area, rel_pos.num_heads),
+        'rel_coords_log': gen_relative_log_coords(
+            grid, rel_pos.pretrained_window_size, mode=rel_pos.mode,
+            device=coords.device, dtype=coords.dtype),
+    }
+    if rel_pos.relative_position_index is not None:
+        values['relative_position_index'] = rel_pos_index(
+            grid, device=coords.device).view(-1)
+    return {f'rel_pos.{k}': v for k, v in values.items()}
+
+
 #: Attentions whose position state is made for a token grid, by the layout
 #: of their _PositionGrid: the values for a grid (see _enter_window).
 GRID_MODULES: Dict[str, Callable[..., Dict[str, object]]] = {
     'REL': _window_values,
     'GPSA': _gpsa_values,
+    'MLP': _mlp_values,
 }
 
 
