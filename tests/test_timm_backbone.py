@@ -1000,3 +1000,30 @@ def test_vit_relpos_bias_mlp_reads_the_inputs_window():
         grid = (-(-size[0] // 16), -(-size[1] // 16))
         assert [tuple(o.shape[-2:]) for o in outs] == [grid] * len(outs)
         assert max(max_abs_diff(a, b) for a, b in zip(outs, refs)) <= 1e-5
+
+
+def test_tnt_pixel_embedding_follows_the_input():
+    """TNT's pixel embedding asserts its pretraining size and, with the
+    model, reshapes by its patch count; its patch position embedding (a
+    class token first) is fixed to 14x14. Here all follow the input:
+    outputs equal timm's TNT built for 256x320 with the embedding
+    resampled by torch's bicubic antialiased interpolation."""
+    name = 'tnt_s_legacy_patch16_224'
+    model = VBTimmBackbone(name, pyramid=None).eval()
+    assert sorted(g.layout for g in model.position_grids) == ['NLC', 'TNT']
+    ref = timm.create_model(name, features_only=True, img_size=(256, 320),
+                            out_indices=model.body.feature_info.out_indices
+                            ).eval()
+    state = {k[len('body.'):]: v for k, v in model.state_dict().items()}
+    pos = state['model.patch_pos']
+    grid = pos[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(16, 20),
+                                           mode='bicubic', antialias=True)
+    state['model.patch_pos'] = torch.cat(
+        [pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+    ref.load_state_dict(state)
+    x = torch.rand(1, 3, 256, 320)
+    with torch.no_grad():
+        outs, refs = model(x), ref(x)
+    assert [tuple(o.shape[-2:]) for o in outs] == [(16, 20)] * len(outs)
+    assert max(max_abs_diff(a, b) for a, b in zip(outs, refs)) <= 1e-5

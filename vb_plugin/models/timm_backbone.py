@@ -36,6 +36,7 @@ from timm.models import model_entrypoint, split_model_name_tag
 from timm.models.beit import Attention as BeitAttention
 from timm.models.beit import gen_relative_position_index
 from timm.models.convit import GPSA
+from timm.models.tnt import PixelEmbed
 from timm.layers.pos_embed_rel import RelPosMlp, gen_relative_log_coords
 from timm.layers.pos_embed_rel import \
     gen_relative_position_index as rel_pos_index
@@ -442,7 +443,9 @@ class _PositionGrid:
     (``'NLC'`` with ``prefix`` class/distillation tokens first, ``'NCHW'``
     or ``'NHWC'``; ``'REL'``: ``name`` is a BEiT attention whose relative
     position table spans its window; ``'GPSA'``: a ConViT attention;
-    ``'MLP'``: a ViT-RelPos attention, whose bias MLP reads its window) and the ``grid`` it has at the
+    ``'MLP'``: a ViT-RelPos attention, whose bias MLP reads its window;
+    ``'TNT'``: TNT's pixel embedding, which checks the size and counts
+    patches) and the ``grid`` it has at the
     pretraining size."""
     name: str
     layout: str
@@ -561,6 +564,12 @@ grid=(14, 14), prefix=0),)
                     found.append(_PositionGrid(name.rpartition('.')[0],
                                                'MLP', stride, grid))
                     break
+    # NOTE: TNT's pixel embedding checks the input size and, with the
+    # model, reshapes by its patch count.
+    found += [_PositionGrid(name, 'TNT', strides[0],
+                            tuple(module.grid_size))
+              for name, module in model.named_modules()
+              if isinstance(module, PixelEmbed) and len(set(strides)) == 1]
     # NOTE: ConViT's gated positional attention makes its relative indices
     # for a square grid of N tokens; a single-scale model's grid is known.
     if len(set(strides)) == 1 and not native[0] % strides[0]:
@@ -589,6 +598,13 @@ def _resampled_positions(model: nn.Module, grids: Sequence[_PositionGrid],
             if attn is not None:
                 out.update({f'{g.name}.{k}': v for k, v in GRID_MODULES[
                     g.layout](attn, g.grid, new).items()})
+            continue
+        if g.layout == 'TNT':
+            owner = g.name.rpartition('.')[0]
+            out.update({f'{g.name}.img_size': (new[0] * g.stride,
+                                               new[1] * g.stride),
+                        f'{g.name}.num_patches': new[0] * new[1],
+                        f'{owner}.num_patches'.lstrip('.'): new[0] * new[1]})
             continue
         param = params.get(g.name)
         if param is None:
