@@ -29,25 +29,25 @@ from typing import (Callable, Dict, Iterator, List, Optional, Sequence,
 
 import timm
 import torch
+from mmengine.registry import MODELS
 from timm.layers import (PatchEmbed, resample_abs_pos_embed,
                          resample_abs_pos_embed_nhwc,
                          resize_rel_pos_bias_table_simple, to_2tuple)
-from timm.models import model_entrypoint, split_model_name_tag
-from timm.models.beit import Attention as BeitAttention
-from timm.models.beit import gen_relative_position_index
-from timm.models.convit import GPSA
-from timm.models.tnt import PixelEmbed
 from timm.layers.pos_embed_rel import RelPosMlp, gen_relative_log_coords
 from timm.layers.pos_embed_rel import \
     gen_relative_position_index as rel_pos_index
-from timm.models.mvitv2 import (MultiScaleAttention,
-                                MultiScaleAttentionPoolFirst)
+from timm.models import model_entrypoint, split_model_name_tag
+from timm.models._features import (FeatureDictNet, FeatureGetterNet,
+                                   FeatureHookNet)
+from timm.models.beit import Attention as BeitAttention
+from timm.models.beit import gen_relative_position_index
+from timm.models.convit import GPSA
 from timm.models.efficientnet import EfficientNetFeatures
 from timm.models.hrnet import HighResolutionNetFeatures
 from timm.models.mobilenetv3 import MobileNetV3Features
-from mmengine.registry import MODELS
-from timm.models._features import (FeatureDictNet, FeatureGetterNet,
-                                   FeatureHookNet)
+from timm.models.mvitv2 import (MultiScaleAttention,
+                                MultiScaleAttentionPoolFirst)
+from timm.models.tnt import PixelEmbed
 from torch import nn
 
 from ..checks import check_int
@@ -504,9 +504,11 @@ def _timm_levels(model: nn.Module) -> List[TimmLevel]:
 
 def _position_grids(model: nn.Module, native: Tuple[int, int],
                     strides: Sequence[int]) -> Tuple[_PositionGrid, ...]:
-    """The model's absolute position embeddings: parameters named ``*pos*``
-    whose shape holds the token grid of the pretraining size ``native`` at
-    one of the model's feature ``strides``.
+    """The model's position state made for the token grid of its
+    pretraining size ``native``, at one of its feature ``strides``:
+    absolute position embeddings (parameters named ``*pos*`` whose shape
+    holds the grid), and modules that hold a grid-sized window or count
+    (BEiT's and ViT-RelPos's attentions, ConViT's, TNT's pixel embedding).
 
     Example:
         >>> import timm
