@@ -590,6 +590,8 @@ def _resampled_positions(model: nn.Module, grids: Sequence[_PositionGrid],
     :func:`_window_values` makes them. Computed from the parameters, so
     gradients reach them; parameters the extractor no longer has (pruned)
     are skipped."""
+    if not grids:
+        return {}
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     out: Dict[str, object] = {}
