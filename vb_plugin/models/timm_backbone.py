@@ -1094,6 +1094,8 @@ class VBTimmBackbone(VBBackbone):
         native = tuple(self.pretrained_input_size)
         step = max(32, self.size_divisor, self.input_pad)
 
+        # NOTE: run_at reads positions when it runs: empty until the
+        # model's position state is found (below).
         positions: Tuple[_PositionGrid, ...] = ()
 
         def run_at(size) -> Tuple[Optional[list], Optional[Exception]]:
