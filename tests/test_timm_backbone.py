@@ -98,6 +98,13 @@ def timm_features(name, kwargs, path, out_indices, **extra):
                              **kwargs, **extra)
 
 
+def body_state(model):
+    """The backbone's extractor weights under the names of timm's own
+    extractor (keys without 'body.'; a pyramid's left out)."""
+    return {k[len('body.'):]: v for k, v in model.state_dict().items()
+            if k.startswith('body.')}
+
+
 def frozen_param_names(model):
     names = model.frozen_module_names()
     out = set()
@@ -680,8 +687,7 @@ def test_a_model_whose_metadata_names_no_module_maps_its_stages():
                                        'body.model.blocks.0.'))}
     ref = timm.create_model('mobilenetv5_base', features_only=True,
                             out_indices=(1, 2, 3, 4)).eval()
-    ref.load_state_dict({k[len('body.'):]: v
-                         for k, v in model.state_dict().items()})
+    ref.load_state_dict(body_state(model))
     x = torch.rand(1, 3, 160, 224)
     with torch.no_grad():
         diffs = [max_abs_diff(a, b) for a, b in zip(model(x), ref(x))]
@@ -724,8 +730,7 @@ def test_fixed_position_embeddings_are_resampled_as_timms_vit_does():
     ref = timm.create_model('vit_tiny_patch16_224', features_only=True,
                             out_indices=(0, 1, 2, 3), dynamic_img_size=True,
                             dynamic_img_pad=True, **kwargs).eval()
-    ref.load_state_dict({k[len('body.'):]: v
-                         for k, v in model.state_dict().items()})
+    ref.load_state_dict(body_state(model))
     for size in ((256, 320), (225, 301), (333, 517), (224, 224)):
         x = torch.rand(1, 3, *size)
         with torch.no_grad():
@@ -759,7 +764,7 @@ def test_position_embeddings_of_other_layouts_are_resampled(name, layout,
     ref = timm.create_model(name, features_only=True, img_size=size,
                             out_indices=model.body.feature_info.out_indices
                             ).eval()
-    state = {k[len('body.'):]: v for k, v in model.state_dict().items()}
+    state = body_state(model)
     for g in model.position_grids:
         pos = state[g.name]
         new = (size[0] // g.stride, size[1] // g.stride)
@@ -803,8 +808,7 @@ def test_stage_parts_kept_in_parallel_lists_join_their_stage():
                               for k in (0, 1)))}
     ref = timm.create_model('twins_svt_small', features_only=True,
                             **kwargs).eval()
-    ref.load_state_dict({k[len('body.'):]: v
-                         for k, v in model.state_dict().items()})
+    ref.load_state_dict(body_state(model))
     x = torch.rand(1, 3, 225, 301)
     with torch.no_grad():
         outs, refs = model(x), ref(x)
@@ -826,8 +830,7 @@ def test_a_model_whose_maps_end_at_stride_16_gets_the_simple_pyramid():
     assert model.out_strides == (4, 8, 16, 32)
     ref = timm.create_model('volo_d1_224', features_only=True,
                             img_size=(240, 304)).eval()
-    state = {k[len('body.'):]: v for k, v in model.state_dict().items()
-             if k.startswith('body.')}
+    state = body_state(model)
     state['model.pos_embed'] = torch.nn.functional.interpolate(
         state['model.pos_embed'].permute(0, 3, 1, 2), size=(15, 19),
         mode='bicubic', antialias=True).permute(0, 2, 3, 1)
@@ -858,7 +861,7 @@ def test_beit_relative_position_tables_follow_the_input():
     ref = timm.create_model('beit_base_patch16_224', features_only=True,
                             out_indices=(0, 1, 2, 3), img_size=padded,
                             **kwargs).eval()
-    state = {k[len('body.'):]: v for k, v in model.state_dict().items()}
+    state = body_state(model)
     for i in range(4):
         key = f'model.blocks.{i}.attn.relative_position_bias_table'
         table = state[key]
@@ -898,8 +901,7 @@ def test_a_level_named_by_no_module_stays_in_the_stem():
     assert (model.out_strides, model.input_pad) == ((4, 8, 16, 32), 4)
     ref = timm.create_model('tresnet_m', features_only=True,
                             out_indices=(1, 2, 3, 4)).eval()
-    ref.load_state_dict({k[len('body.'):]: v
-                         for k, v in model.state_dict().items()})
+    ref.load_state_dict(body_state(model))
     x = torch.rand(1, 3, 256, 320)
     with torch.no_grad():
         diffs = [max_abs_diff(a, b) for a, b in zip(model(x), ref(x))]
@@ -918,7 +920,7 @@ def test_mvitv2_relative_position_tables_follow_the_input():
     model = VBTimmBackbone('mvitv2_tiny').eval()
     assert [model.stage_module_names(i) for i in range(4)] == [
         (f'body.model.stages.{i}', ) for i in range(4)]
-    state = {k[len('body.'):]: v for k, v in model.state_dict().items()}
+    state = body_state(model)
     native = timm.create_model('mvitv2_tiny', features_only=True).eval()
     native.load_state_dict(state)
     x = torch.rand(1, 3, 320, 320)
@@ -956,7 +958,7 @@ def test_convit_positional_attention_takes_non_square_grids():
     ref = timm.create_model('convit_tiny', features_only=True,
                             out_indices=model.body.feature_info.out_indices,
                             img_size=256).eval()
-    state = {k[len('body.'):]: v for k, v in model.state_dict().items()}
+    state = body_state(model)
     pos = state['model.pos_embed'].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
     state['model.pos_embed'] = torch.nn.functional.interpolate(
         pos, size=(16, 16), mode='bicubic', antialias=True).flatten(
@@ -985,7 +987,7 @@ def test_vit_relpos_bias_mlp_reads_the_inputs_window():
     weights, at a non-square size and at an odd one (padded to 16)."""
     model = VBTimmBackbone('test_vit_relpos', pyramid=None).eval()
     assert {g.layout for g in model.position_grids} == {'MLP'}
-    state = {k[len('body.'):]: v for k, v in model.state_dict().items()}
+    state = body_state(model)
     for size, padded in (((256, 320), (256, 320)), ((225, 301), (240, 304))):
         ref = timm.create_model(
             'test_vit_relpos', features_only=True,
@@ -1014,7 +1016,7 @@ def test_tnt_pixel_embedding_follows_the_input():
     ref = timm.create_model(name, features_only=True, img_size=(256, 320),
                             out_indices=model.body.feature_info.out_indices
                             ).eval()
-    state = {k[len('body.'):]: v for k, v in model.state_dict().items()}
+    state = body_state(model)
     pos = state['model.patch_pos']
     grid = pos[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
     grid = torch.nn.functional.interpolate(grid, size=(16, 20),

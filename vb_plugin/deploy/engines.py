@@ -382,10 +382,9 @@ def engine_model(model: nn.Module,
     # NOTE: the export's check session is the fp32 onnxruntime engine when
     # its threads are the engine's (made once, not twice); the record
     # kept on the module does not hold it (sessions cannot be copied).
-    checked = exported.session
+    checked = (exported.session if dtype == 'fp32'
+               and threads == torch.get_num_threads() else None)
     exported = dataclasses.replace(exported, session=None)
-    if threads != torch.get_num_threads():
-        checked = None
     if example_input is None and batches:
         example_input = batches[0]
     onnx_model = exported.model
@@ -397,8 +396,7 @@ def engine_model(model: nn.Module,
         check_openvino_ops(onnx_model, type(model).__name__)
         compiled = _ov_compile(onnx_model, dtype, threads)
     else:
-        compiled = _ort_compile(onnx_model, threads,
-                                checked if dtype == 'fp32' else None)
+        compiled = _ort_compile(onnx_model, threads, checked)
     result = EngineModel(compiled, dtype, exported, model).eval()
     if check:
         x = example_input if example_input is not None else (

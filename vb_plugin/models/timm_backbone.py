@@ -438,8 +438,9 @@ VB_TIMM_SOURCE = WeightSource(
 
 @dataclass(frozen=True)
 class _PositionGrid:
-    """A learned absolute position embedding laid on the token grid of one
-    stride: parameter ``name`` (relative to the extractor), its ``layout``
+    """Position state made for the token grid of one stride: ``name``
+    (relative to the extractor) of a learned absolute position embedding
+    or of a module that holds such state, its ``layout``
     (``'NLC'`` with ``prefix`` class/distillation tokens first, ``'NCHW'``
     or ``'NHWC'``; ``'REL'``: ``name`` is a BEiT attention whose relative
     position table spans its window; ``'GPSA'``: a ConViT attention;
@@ -517,16 +518,17 @@ def _position_grids(model: nn.Module, native: Tuple[int, int],
         (_PositionGrid(name='model.pos_embed', layout='NLC', stride=16, \
 grid=(14, 14), prefix=0),)
     """
+    grids = {stride: (native[0] // stride, native[1] // stride)
+             for stride in sorted(set(strides))}
     found = []
     for name, param in model.named_parameters():
         if 'pos' not in name.rpartition('.')[2] or param.dim() not in (
                 3, 4) or param.shape[0] != 1:
             continue
         shape = tuple(param.shape[1:])
-        for stride in sorted(set(strides)):
+        for stride, grid in grids.items():
             if native[0] % stride or native[1] % stride:
                 continue
-            grid = (native[0] // stride, native[1] // stride)
             tokens = grid[0] * grid[1]
             if param.dim() == 4 and shape[1:] == grid:
                 found.append(_PositionGrid(name, 'NCHW', stride, grid))
@@ -538,58 +540,50 @@ grid=(14, 14), prefix=0),)
             else:
                 continue
             break
-    # NOTE: BEiT's per-block relative position tables span its window,
-    # which is the whole token grid.
+    # NOTE: module state made for the token grid: BEiT's per-block
+    # relative position tables span their window, the whole grid (timm's
+    # resize takes square windows only); ViT-RelPos's bias MLPs read their
+    # window's coordinates (named by their attention, which calls them, or
+    # their get_bias with fused attention, inside its forward; a
+    # model-level shared one is called outside any forward, where no hook
+    # sees it); TNT's pixel embedding checks the input size and, with the
+    # model, reshapes by its patch count; ConViT's gated attention makes
+    # its relative indices for a square grid of N tokens.
+    stride_of: Dict[Tuple[int, int], int] = {}
+    for stride, grid in grids.items():
+        stride_of.setdefault(grid, stride)  # the finest stride first
+    single = len(set(strides)) == 1
+    shared = any(n.endswith('shared_rel_pos') for n, m in
+                 model.named_modules() if isinstance(m, RelPosMlp))
     for name, module in model.named_modules():
-        window = getattr(module, 'window_size', None)
-        # NOTE: timm's table resize takes square source windows only.
-        if not isinstance(module, BeitAttention) or window is None or (
-                window[0] != window[1]):
-            continue
-        for stride in sorted(set(strides)):
-            if (native[0] // stride, native[1] // stride) == tuple(window):
-                found.append(_PositionGrid(name, 'REL', stride,
-                                           tuple(window)))
-                break
-    # NOTE: timm's ViT-RelPos computes its relative position biases by an
-    # MLP from coordinates of its window, the token grid (a model-level
-    # shared one is called outside forward, where no hook sees it).
-    mlps = [(n, m) for n, m in model.named_modules()
-            if isinstance(m, RelPosMlp)]
-    if not any(n.endswith('shared_rel_pos') for n, _ in mlps):
-        for name, module in mlps:
-            for stride in sorted(set(strides)):
-                grid = (native[0] // stride, native[1] // stride)
-                if grid == tuple(module.window_size):
-                    # NOTE: named by its attention, which calls it (or its
-                    # get_bias, with fused attention) inside its forward.
-                    found.append(_PositionGrid(name.rpartition('.')[0],
-                                               'MLP', stride, grid))
-                    break
-    # NOTE: TNT's pixel embedding checks the input size and, with the
-    # model, reshapes by its patch count.
-    found += [_PositionGrid(name, 'TNT', strides[0],
-                            tuple(module.grid_size))
-              for name, module in model.named_modules()
-              if isinstance(module, PixelEmbed) and len(set(strides)) == 1]
-    # NOTE: ConViT's gated positional attention makes its relative indices
-    # for a square grid of N tokens; a single-scale model's grid is known.
-    if len(set(strides)) == 1 and not native[0] % strides[0]:
-        grid = (native[0] // strides[0], native[1] // strides[0])
-        found += [_PositionGrid(name, 'GPSA', strides[0], grid)
-                  for name, module in model.named_modules()
-                  if isinstance(module, GPSA)]
+        if isinstance(module, (BeitAttention, RelPosMlp)):
+            window = tuple(module.window_size or ())
+            stride = stride_of.get(window)
+            if stride is None:
+                continue
+            if isinstance(module, BeitAttention) and window[0] == window[1]:
+                found.append(_PositionGrid(name, 'REL', stride, window))
+            elif isinstance(module, RelPosMlp) and not shared:
+                found.append(_PositionGrid(name.rpartition('.')[0], 'MLP',
+                                           stride, window))
+        elif isinstance(module, PixelEmbed) and single:
+            found.append(_PositionGrid(name, 'TNT', strides[0],
+                                       tuple(module.grid_size)))
+        elif isinstance(module, GPSA) and single and (
+                not native[0] % strides[0]):
+            found.append(_PositionGrid(name, 'GPSA', strides[0],
+                                       grids[strides[0]]))
     return tuple(found)
 
 
 def _resampled_positions(model: nn.Module, grids: Sequence[_PositionGrid],
                          size: Sequence[int]) -> Dict[str, object]:
-    """The position embeddings resampled (bicubic, antialiased: timm's own
-    functions) to the token grids of an input of ``size`` (a multiple of
-    every grid's stride); BEiT's relative position tables as
-    :func:`_window_values` makes them. Computed from the parameters, so
-    gradients reach them; parameters the extractor no longer has (pruned)
-    are skipped."""
+    """The position state for the token grids of an input of ``size`` (a
+    multiple of every grid's stride), by name: embeddings resampled
+    (bicubic, antialiased: timm's own functions), :data:`GRID_MODULES`'
+    state as :func:`_grid_values` makes it, TNT's size and patch counts.
+    Computed from the parameters, so gradients reach them; modules and
+    parameters the extractor no longer has (pruned) are skipped."""
     if not grids:
         return {}
     params = dict(model.named_parameters())
@@ -600,8 +594,8 @@ def _resampled_positions(model: nn.Module, grids: Sequence[_PositionGrid],
         if g.layout in GRID_MODULES:
             attn = modules.get(g.name)
             if attn is not None:
-                out.update({f'{g.name}.{k}': v for k, v in GRID_MODULES[
-                    g.layout](attn, g.grid, new).items()})
+                out.update({f'{g.name}.{k}': v for k, v in _grid_values(
+                    attn, g.layout, g.grid, new).items()})
             continue
         if g.layout == 'TNT':
             owner = g.name.rpartition('.')[0]
@@ -634,13 +628,11 @@ def _beit_index(grid: Tuple[int, int]) -> torch.Tensor:
 def _window_values(attn: nn.Module, native: Tuple[int, int],
                    grid: Sequence[int]) -> Dict[str, object]:
     """A BEiT attention's relative position table, index and window for a
-    token ``grid`` (nothing at its ``native`` grid): the table resized by
+    token ``grid``: the table resized by
     timm's bicubic resize, not the geometric one timm's ``set_input_size``
     uses (a per-head Python loop: for BEiT-B's 12 tables at 800x1216,
     about 1 s per forward here against 0.03 s)."""
     grid = tuple(grid)
-    if not torch.jit.is_tracing() and grid == tuple(native):
-        return {}
     table = attn.relative_position_bias_table
     return {
         'relative_position_bias_table': resize_rel_pos_bias_table_simple(
@@ -656,10 +648,8 @@ def _gpsa_values(attn: nn.Module, native: Tuple[int, int],
                  grid: Sequence[int]) -> Dict[str, object]:
     """A ConViT attention's relative indices (x offset, y offset, squared
     distance between every two tokens) for a token ``grid`` of any shape;
-    timm makes them for a square one (nothing at its ``native`` grid)."""
+    timm makes them for a square one."""
     grid = tuple(grid)
-    if not torch.jit.is_tracing() and grid == tuple(native):
-        return {}
     weight = attn.qk.weight
     index = torch.arange(grid[0] * grid[1], device=weight.device)
     row, col = index // grid[1], index % grid[1]
@@ -672,11 +662,8 @@ def _mlp_values(attn: nn.Module, native: Tuple[int, int],
                 grid: Sequence[int]) -> Dict[str, object]:
     """A ViT-RelPos attention's bias MLP (``rel_pos``): its window, index
     and log coordinates for a token ``grid``, as its ``set_window_size``
-    makes them (the MLP's weights do not depend on the window; nothing at
-    its ``native`` grid)."""
+    makes them (the MLP's weights do not depend on the window)."""
     grid = tuple(grid)
-    if not torch.jit.is_tracing() and grid == tuple(native):
-        return {}
     rel_pos = attn.rel_pos
     coords = rel_pos.rel_coords_log
     area = grid[0] * grid[1]
@@ -694,12 +681,22 @@ def _mlp_values(attn: nn.Module, native: Tuple[int, int],
 
 
 #: Attentions whose position state is made for a token grid, by the layout
-#: of their _PositionGrid: the values for a grid (see _enter_window).
+#: of their _PositionGrid: the values for a grid (see _grid_values).
 GRID_MODULES: Dict[str, Callable[..., Dict[str, object]]] = {
     'REL': _window_values,
     'GPSA': _gpsa_values,
     'MLP': _mlp_values,
 }
+
+
+def _grid_values(attn: nn.Module, layout: str, native: Tuple[int, int],
+                 grid: Sequence[int]) -> Dict[str, object]:
+    """The position state of a :data:`GRID_MODULES` attention for a token
+    ``grid``; nothing at its ``native`` grid (its own state), except when
+    traced for ONNX, where the grid is a traced shape."""
+    if not torch.jit.is_tracing() and tuple(grid) == tuple(native):
+        return {}
+    return GRID_MODULES[layout](attn, native, grid)
 
 
 def _swap(model: nn.Module, values: Dict[str, object], saved: list) -> None:
@@ -744,15 +741,21 @@ def _replaced(model: nn.Module,
         _restore(saved)
 
 
+def _swap_in(attn: nn.Module, values: Dict[str, object]) -> None:
+    """Swap ``values`` into ``attn`` until :func:`_exit_window` (kept on
+    the module, since a pre-hook and a forward hook share nothing else)."""
+    attn.vb_saved = []
+    _swap(attn, values, attn.vb_saved)
+
+
 def _enter_window(attn: nn.Module, args) -> None:
     """Forward pre-hook of an attention of :data:`GRID_MODULES` (BEiT's,
-    ConViT's): its position state for the grid the backbone set
+    ConViT's, ViT-RelPos's): its position state for the grid the backbone set
     (``vb_grid``). A hook, not a swap around the whole model, so that
     gradient checkpointing, which runs the block again during the
     backward, gets it again."""
-    attn.vb_saved = []
-    _swap(attn, GRID_MODULES[attn.vb_layout](attn, attn.vb_native,
-                                             attn.vb_grid), attn.vb_saved)
+    _swap_in(attn, _grid_values(attn, attn.vb_layout, attn.vb_native,
+                                attn.vb_grid))
 
 
 def _exit_window(attn: nn.Module, args, output) -> None:
@@ -783,8 +786,7 @@ def _enter_mvit(attn: nn.Module, args) -> None:
             values[name] = torch.nn.functional.interpolate(
                 table.T.unsqueeze(0), size=length, mode='linear',
                 align_corners=False)[0].T
-    attn.vb_saved = []
-    _swap(attn, values, attn.vb_saved)
+    _swap_in(attn, values)
 
 
 def _relax_patch_embeds(model: nn.Module) -> None:
@@ -906,10 +908,7 @@ class VBTimmBackbone(VBBackbone):
         self.timm_levels = self._read_levels()
         self.plan = plan_stages([lv.reduction for lv in self.timm_levels],
                                 levels)
-        # NOTE: timm cannot extract a level whose module is '' (TResNet's
-        # stride-2 level): the full extractor leaves it out.
-        all_levels = tuple(lv.index for lv in self.timm_levels if lv.module)
-        self._full_levels = all_levels
+        all_levels = self._extracted_levels
         try:
             with torch.device('meta'):
                 full = self._create_features(all_levels)
@@ -1063,11 +1062,11 @@ class VBTimmBackbone(VBBackbone):
         * A size error at ``probe``: multiples of ``32 * k`` (k = 2..16)
           are tried at two non-square sizes each, and the smallest that
           runs becomes :attr:`size_divisor` (HaloNet's blocks: 256); if
-          none does, learned absolute position embeddings on the token
-          grid (CaiT, VOLO, Visformer) are resampled to each input's grid
-          (:attr:`position_grids`, timm's bicubic resampling, with the
-          input padded to their largest stride); if that does not run
-          either, the model takes one size only (fixed attention biases,
+          none does, position state made for the pretraining token grid
+          (:func:`_position_grids`: CaiT's, VOLO's, Visformer's
+          embeddings, BEiT's tables, ...) is made for each input's grid
+          instead (:attr:`position_grids`, with the input padded to their
+          largest stride); if that does not run either, the model takes one size only (fixed attention biases,
           and no timm option for others): ``ValueError`` naming it,
           instead of timm's error at the first forward.
 
@@ -1167,13 +1166,20 @@ class VBTimmBackbone(VBBackbone):
             'model_kwargs=dict(img_size=...) to build it for the one size '
             'you will feed (other sizes then raise at forward)')
 
+    @property
+    def _extracted_levels(self) -> Tuple[int, ...]:
+        """The timm levels of the full extractor: timm cannot extract a
+        level whose module is '' (TResNet's stride-2 level)."""
+        return tuple(lv.index for lv in self.timm_levels if lv.module)
+
     def _map_size_message(self, size: Tuple[int, int], outs: list) -> str:
         """The build error for maps that are not ``size / stride`` (floor
         or ceil) at the levels this backbone outputs, or ''."""
         for k in range(len(self.plan.stage_levels)):
             level = self.timm_levels[self.plan.output_level(k)]
-            at = (self._full_levels.index(level.index)
-                  if level.index in self._full_levels else len(outs))
+            extracted = self._extracted_levels
+            at = (extracted.index(level.index)
+                  if level.index in extracted else len(outs))
             out = outs[at] if at < len(outs) else None
             if out is None:
                 continue
