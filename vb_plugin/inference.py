@@ -27,6 +27,8 @@ from mmcv.cnn.bricks.wrappers import Conv2d as MMCVConv2d
 from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .layers import FrozenBatchNorm2d, FrozenBatchNormAct2d
 
@@ -177,14 +179,37 @@ def _bn_remainder(bn: nn.Module) -> nn.Module:
     return nn.Identity()
 
 
+class _OtherUses(TorchFunctionMode):
+    """Counts the torch calls outside every batch norm's forward that take
+    one of ``watched`` (tensor ids) as an input and give a tensor (shape
+    reads do not count): a conv output that a shortcut or an in-place
+    activation also reads cannot take the norm's folding."""
+
+    def __init__(self, watched: Dict[int, str]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.uses: Dict[int, int] = {}
+        self.in_norm = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.in_norm and isinstance(out, torch.Tensor):
+            for leaf in tree_leaves((args, kwargs)):
+                if isinstance(leaf, torch.Tensor) and id(
+                        leaf) in self.watched:
+                    self.uses[id(leaf)] = self.uses.get(id(leaf), 0) + 1
+        return out
+
+
 def find_conv_bn_pairs(model: nn.Module,
                        example_input: torch.Tensor) -> List[Tuple[str, str]]:
     """Names of (conv, batch norm) pairs where the norm's input is exactly
     the conv's output, read from one forward pass of ``example_input``.
 
-    A conv or norm that runs more than once in the pass (a shared module) is
-    left out. Only eval-mode BN with running statistics and plain convs
-    qualify.
+    A conv or norm that runs more than once in the pass (a shared module),
+    and a conv whose output anything else reads too (a pre-norm block's
+    shortcut, an in-place activation), are left out. Only eval-mode BN with
+    running statistics and plain convs qualify.
 
     Args:
         model (nn.Module): The model, in eval mode.
@@ -198,6 +223,15 @@ def find_conv_bn_pairs(model: nn.Module,
         ...                   nn.ReLU()).eval()
         >>> find_conv_bn_pairs(m, torch.rand(1, 3, 8, 8))
         [('0', '1')]
+        >>> class PreNorm(nn.Module):  # the conv's output is also the shortcut
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+        ...     def forward(self, x):
+        ...         x = self.conv(x)
+        ...         return x + self.bn(x)
+        >>> find_conv_bn_pairs(PreNorm().eval(), torch.rand(1, 3, 8, 8))
+        []
     """
     convs = {n: m for n, m in model.named_modules() if _is_foldable_conv(m)}
     bns = {n: m for n, m in model.named_modules() if _is_foldable_bn(m)}
@@ -214,25 +248,37 @@ def find_conv_bn_pairs(model: nn.Module,
             outputs[id(output)] = name
         return hook
 
+    other = _OtherUses(outputs)
+
     def bn_hook(name):
         def hook(module, args):
             calls[name] = calls.get(name, 0) + 1
+            other.in_norm += 1
             if args and isinstance(args[0], torch.Tensor) and id(
                     args[0]) in outputs:
                 pairs.append((outputs[id(args[0])], name))
+                readers[id(args[0])] = readers.get(id(args[0]), 0) + 1
         return hook
 
+    def bn_exit(module, args, output):
+        other.in_norm -= 1
+
+    readers: Dict[int, int] = {}
     try:
         for name, m in convs.items():
             handles.append(m.register_forward_hook(conv_hook(name)))
         for name, m in bns.items():
             handles.append(m.register_forward_pre_hook(bn_hook(name)))
-        with torch.no_grad():
+            handles.append(m.register_forward_hook(bn_exit))
+        with torch.no_grad(), other:
             model(example_input)
     finally:
         for h in handles:
             h.remove()
-    return [(c, b) for c, b in pairs if calls[c] == 1 and calls[b] == 1]
+    ids = {name: i for i, name in outputs.items()}
+    return [(c, b) for c, b in pairs
+            if calls[c] == 1 and calls[b] == 1 and readers[ids[c]] == 1
+            and not other.uses.get(ids[c])]
 
 
 def fold_batch_norms(model: nn.Module,
