@@ -56,6 +56,20 @@ BACKBONE_CASES = {
         # input with their index and window.
         dict(model_name='beit_base_patch16_224',
              model_kwargs=dict(depth=4, embed_dim=32, num_heads=2)),
+        # Strides 16, 32, 64: strides 4 and 8 made from the stride-16
+        # level, 64 left out (pyramid='fill').
+        dict(model_name='efficientvit_m0'),
+        # Attention biases by token offset (resized per input grid) and
+        # strides 16, 32, 64 (filled to 4..32).
+        dict(model_name='levit_128s',
+             model_kwargs=dict(embed_dim=(32, 48, 64), key_dim=16,
+                               depth=(1, 1, 1), num_heads=(2, 3, 4))),
+        # Relative position biases over a whole map (CoAtNet).
+        dict(model_name='test_coatnet'),
+        # Tokens unrolled into mask units by a schedule made per input.
+        dict(model_name='hiera_tiny_224',
+             model_kwargs=dict(embed_dim=16, num_heads=1,
+                               stages=(1, 1, 2, 1))),
         dict(model_name='swin_tiny_patch4_window7_224', drop_path_rate=0.0,
              model_kwargs=dict(depths=(1, 1, 1, 1), embed_dim=16,
                                num_heads=(1, 1, 2, 2))),

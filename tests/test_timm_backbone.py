@@ -5,6 +5,7 @@ timm's own loading path, is the oracle. Models are the smallest variants (a
 few are shrunk further through ``model_kwargs``) on 64x64 inputs.
 """
 import copy
+import math
 import pickle
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import timm
 import torch
 from conftest import checked_train_step, max_abs_diff
-from timm.layers import BatchNormAct2d
+from timm.layers import BatchNormAct2d, to_2tuple
 from timm.models import adapt_input_conv
 
 import vb_plugin
@@ -598,14 +599,15 @@ def test_a_model_with_a_size_divisor_names_it_at_forward():
 
 
 def test_a_model_of_one_input_size_is_refused_at_build_naming_it():
-    """LeViT's attention biases are fixed to its 14x14 grid and timm offers
-    no option for other sizes: refused when built (a probe on the meta
-    device), with the size it takes and what to do."""
+    """gMLP mixes its 196 tokens with Linear layers (weights, not state
+    made for a grid) and timm offers no option for other sizes: refused
+    when built (a probe on the meta device), with the size it takes and
+    what to do."""
     with pytest.raises(ValueError) as err:
-        VBTimmBackbone('levit_128s')
+        VBTimmBackbone('gmlp_ti16_224')
     assert re.fullmatch(
-        r"model_name='levit_128s' takes only 224x224 inputs: at 288x352 "
-        r'timm fails \(RuntimeError: .*\), and at multiples of 64 to 512 '
+        r"model_name='gmlp_ti16_224' takes only 224x224 inputs: at 288x352 "
+        r'timm fails \(AssertionError: .*\), and at multiples of 64 to 512 '
         r'too; timm offers it no option for other sizes\. Detection inputs '
         r'vary in size: choose another model, or '
         r'pass model_kwargs=dict\(img_size=\.\.\.\) to build it for the one '
@@ -648,27 +650,65 @@ def test_a_model_of_blocks_gets_the_divisor_its_blocks_need():
             full(torch.rand(1, 3, 384, 512))
 
 
-@pytest.mark.parametrize('name', ['inception_v3', 'inception_resnet_v2'])
-def test_a_model_whose_maps_are_smaller_than_its_strides_is_refused(name):
-    """Inception's convolutions do not pad: its maps are smaller than
+def test_a_model_whose_maps_are_smaller_than_its_strides_is_refused():
+    """Inception v3's convolutions do not pad: its maps are smaller than
     input / stride, so anchors at that stride would miss part of the
-    image. Refused at build, with the sizes timm's extractor gives.
-    (Inception-ResNet's levels 'repeat' and 'repeat_1' are sibling
-    modules, not one inside the other: its stages map.)"""
+    image; SAME padding on its modules does not help (its blocks also pool
+    by function calls). Refused at build, with the sizes timm's extractor
+    gives."""
     with torch.device('meta'):
-        feats = timm.create_model(name, features_only=True)
+        feats = timm.create_model('inception_v3', features_only=True)
     info = feats.feature_info.get_dicts()
     k = next(i for i, r in enumerate(info) if r['reduction'] == 4)
     got = feats(torch.empty(1, 3, 384, 448, device='meta'))[k].shape[-2:]
     assert tuple(got) != (96, 112)
     with pytest.raises(ValueError) as err:
-        VBTimmBackbone(name)
+        VBTimmBackbone('inception_v3')
     assert str(err.value) == (
-        f"model_name='{name}' gives maps smaller than its strides say: "
+        "model_name='inception_v3' gives maps smaller than its strides say: "
         f'at 384x448 its stride-4 level is {got[0]}x{got[1]}, not 96x112 '
-        '(its convolutions do not pad). Anchors and RoI pooling placed at '
-        'that stride would cover only part of the image: choose another '
-        'model')
+        '(its convolutions do not pad, and SAME padding on its convolution '
+        'and pool modules does not line its maps up either). Anchors and '
+        'RoI pooling placed at that stride would cover only part of the '
+        'image: choose another model')
+
+
+@pytest.mark.parametrize('name,padded', [
+    # Xception's entry flow: two 3x3 convolutions without padding (timm's
+    # extractor holds the model as 'body').
+    ('legacy_xception', ('body.conv1', 'body.conv2')),
+    ('inception_v4', None),
+    # Its levels 'repeat' and 'repeat_1' are siblings, not one inside the
+    # other: its stages map.
+    ('inception_resnet_v2', None),
+])
+def test_convolutions_that_do_not_pad_get_same_padding(name, padded):
+    """Xception's and Inception v4's convolutions and pools do not pad
+    (VALID): timm's maps are smaller than input / stride. They get SAME
+    padding, as TF's detection API gives its Inception backbones
+    (align_feature_maps): maps are ceil(size / stride) at odd sizes, a
+    timm checkpoint loads strictly, and outputs equal timm's extractor on
+    the same weights with padding k // 2 on the modules that had none."""
+    with torch.device('meta'):
+        feats = timm.create_model(name, features_only=True)
+    model = VBTimmBackbone(name).eval()
+    assert model.same_padding and model.out_strides == (4, 8, 16, 32)
+    if padded is not None:
+        assert model.same_padded == padded
+    ref = timm.create_model(name, features_only=True,
+                            out_indices=model.body.feature_info.out_indices
+                            ).eval()
+    for key in model.same_padded:
+        module = ref.get_submodule(key)
+        assert tuple(to_2tuple(feats.get_submodule(key).padding)) == (0, 0)
+        module.padding = tuple(k // 2 for k in to_2tuple(module.kernel_size))
+    ref.load_state_dict(body_state(model))
+    x = torch.rand(1, 3, 225, 301)
+    with torch.no_grad():
+        outs, refs = model(x), ref(x)
+    assert [tuple(o.shape[-2:]) for o in outs] == [
+        (-(-225 // s), -(-301 // s)) for s in (4, 8, 16, 32)]
+    assert max(max_abs_diff(a, b) for a, b in zip(outs, refs)) <= 1e-5
 
 
 def test_a_model_whose_metadata_names_no_module_maps_its_stages():
@@ -697,12 +737,12 @@ def test_a_model_whose_metadata_names_no_module_maps_its_stages():
 def test_a_model_of_one_input_size_built_for_it_refuses_others_at_forward():
     """With img_size given the user has chosen the one size: it builds, and
     timm's RuntimeError at another size becomes a ValueError naming it."""
-    model = VBTimmBackbone('levit_128s',
+    model = VBTimmBackbone('gmlp_ti16_224',
                            model_kwargs=dict(img_size=224)).eval()
     assert model.pretrained_input_size == (224, 224)
     with pytest.raises(ValueError, match=(
-            r"^'levit_128s' cannot take a 256x320 input \(timm: "
-            r'RuntimeError: .*\); it was built for 224x224 inputs and timm '
+            r"^'gmlp_ti16_224' cannot take a 256x320 input \(timm: "
+            r'AssertionError: .*\); it was built for 224x224 inputs and timm '
             r'offers it no option for other sizes: use that size, or '
             r'another model$')):
         model(torch.rand(1, 3, 256, 320))
@@ -881,6 +921,116 @@ def test_beit_relative_position_tables_follow_the_input():
     table = model.body.model.blocks[0].attn.relative_position_bias_table
     assert table.shape == (27 * 27 + 3, 2)
     assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('name,layout', [
+    ('test_coatnet', 'RPB'),          # maxxvit: relative bias, whole map
+    ('levit_128s', 'OFFSET'),         # biases by |offset|, subsampling
+    ('efficientformerv2_s0', 'OFFSET'),
+    ('efficientformer_l1', 'OFFSET'),
+])
+def test_attention_bias_tables_follow_the_input(name, layout):
+    """CoAtNet's relative position biases over a whole map and the biases
+    by token offset of LeViT and EfficientFormer (V1, V2) are tables made
+    for the pretraining grid, and timm offers no option for other sizes.
+    Each forward resizes them to the input's grid, with their index: at
+    225x301 (padded to 256x320), outputs equal timm's model built for
+    256x320 (EfficientFormer's attention, which timm makes for 7x7 whatever
+    the size, made by timm for 8x10) whose tables the test resized with
+    torch's bicubic interpolation; gradients reach the tables, which keep
+    their shape."""
+    from timm.models.efficientformer import Attention
+    model = VBTimmBackbone(name, pyramid=None).eval()
+    assert {g.layout for g in model.position_grids} == {layout}
+    # NOTE: timm starts LeViT's biases at zero and its attention's output
+    # norm at weight 0: random ones, so that the biases count.
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if key.endswith(('attention_biases', 'bias_table')):
+                param.normal_(0, 0.5)
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.weight.uniform_(0.5, 1.5)
+    ref = timm.create_model(name, features_only=True, img_size=(256, 320),
+                            out_indices=model.body.feature_info.out_indices
+                            ).eval()
+    if name == 'efficientformer_l1':
+        old = ref.model.stages[3].blocks[4].token_mixer
+        ref.model.stages[3].blocks[4].token_mixer = Attention(
+            old.qkv.in_features, key_dim=old.key_dim,
+            num_heads=old.num_heads, attn_ratio=old.attn_ratio,
+            resolution=(8, 10))
+        ref.eval()  # NOTE: timm's Attention.train returns None
+    state, want = body_state(model), ref.state_dict()
+    grids = {(256 // s) * (320 // s): (256 // s, 320 // s)
+             for s in (16, 32, 64)}
+    grids.update({(512 // s - 1) * (640 // s - 1): (2 * h - 1, 2 * w - 1)
+                  for s, (h, w) in zip((16, 32, 64), grids.values())})
+    resized = []
+    for key, value in want.items():
+        if state[key].shape == value.shape:
+            continue
+        if key.endswith('attention_bias_idxs'):
+            state[key] = value  # timm's own index for 8x10
+            continue
+        table = state[key]
+        rel = key.endswith('relative_position_bias_table')
+        heads = table.shape[1] if rel else table.shape[0]
+        side = math.isqrt(table.numel() // heads)
+        grid = torch.nn.functional.interpolate(
+            (table.T if rel else table).reshape(1, heads, side, side),
+            size=grids[value.numel() // heads], mode='bicubic',
+            align_corners=False).reshape(heads, -1)
+        state[key] = grid.T if rel else grid
+        resized.append(key)
+    assert resized
+    ref.load_state_dict(state)
+    x = torch.rand(1, 3, 225, 301)
+    with torch.no_grad():
+        outs = model(x)
+        refs = ref(torch.nn.functional.pad(x, (0, 19, 0, 31)))
+    assert [tuple(o.shape[-2:]) for o in outs] == [
+        (-(-225 // s), -(-301 // s)) for s in model.out_strides]
+    assert max(max_abs_diff(a, b[..., :a.shape[2], :a.shape[3]])
+               for a, b in zip(outs, refs)) <= 1e-5
+    model.train()
+    sum(o.sum() for o in model(x)).backward()
+    table = model.body.get_parameter(resized[0])
+    assert table.shape == body_state(model)[resized[0]].shape
+    assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+def test_hiera_token_order_follows_the_input():
+    """Hiera unrolls its tokens into 8x8 mask units by a schedule made for
+    its 7x7 grid of units, and adds a position embedding for the 56x56
+    token grid: timm offers no option for other sizes. Each forward makes
+    the schedule for the input's grid (input padded to 32) and resamples
+    the embedding: at 225x301, outputs equal timm's Hiera built for 256x320
+    whose embedding the test resampled (bicubic, antialiased, as timm
+    does)."""
+    kwargs = dict(embed_dim=16, num_heads=1, stages=(1, 1, 2, 1))
+    model = VBTimmBackbone('hiera_tiny_224', pyramid=None,
+                           model_kwargs=kwargs).eval()
+    assert [(g.name, g.layout, g.stride) for g in model.position_grids] == [
+        ('model.pos_embed', 'NLC', 4), ('model', 'UNROLL', 32)]
+    ref = timm.create_model('hiera_tiny_224', features_only=True,
+                            img_size=(256, 320), **kwargs).eval()
+    state = body_state(model)
+    pos = state['model.pos_embed'].reshape(1, 56, 56, -1).permute(0, 3, 1, 2)
+    state['model.pos_embed'] = torch.nn.functional.interpolate(
+        pos, size=(64, 80), mode='bicubic', antialias=True,
+        align_corners=False).flatten(2).transpose(1, 2)
+    ref.load_state_dict(state)
+    x = torch.rand(1, 3, 225, 301)
+    with torch.no_grad():
+        outs = model(x)
+        refs = ref(torch.nn.functional.pad(x, (0, 19, 0, 31)))
+    assert [tuple(o.shape[-2:]) for o in outs] == [
+        (-(-225 // s), -(-301 // s)) for s in (4, 8, 16, 32)]
+    assert max(max_abs_diff(a, b[..., :a.shape[2], :a.shape[3]])
+               for a, b in zip(outs, refs)) <= 1e-5
+    # The model's own state is untouched after the forward.
+    assert model.body.model.unroll.size == [56, 56]
 
 
 def test_a_level_named_by_no_module_stays_in_the_stem():

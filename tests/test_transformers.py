@@ -126,11 +126,11 @@ def test_pyramid_options_errors():
     name, kwargs = TINY['vit']
     with pytest.raises(ValueError, match='^' + re.escape(
             "pyramid='fpn' is not valid; use one of ('auto', 'simple', "
-            "'multilevel', None)") + '$'):
+            "'multilevel', 'fill', None)") + '$'):
         VBTimmBackbone(name, model_kwargs=kwargs, pyramid='fpn')
     with pytest.raises(TypeError, match='^' + re.escape(
-            "pyramid must be one of ('auto', 'simple', 'multilevel', None), "
-            'got True (bool)') + '$'):
+            "pyramid must be one of ('auto', 'simple', 'multilevel', 'fill', "
+            "None), got True (bool)") + '$'):
         VBTimmBackbone(name, model_kwargs=kwargs, pyramid=True)
     for pyramid, applies in (
             ('simple', 'models without a pyramid of their own (ViT-style: '
@@ -154,6 +154,121 @@ def test_pyramid_options_errors():
         VBTimmBackbone(name, model_kwargs=dict(kwargs, depth=2))
     # 'auto' is no pyramid for a multi-scale model.
     assert VBTimmBackbone('resnet10t').pyramid_kind is None
+
+
+#: Multi-scale models without some of strides 4..32: (name, input size,
+#: the timm level each output comes from, octaves it is moved finer).
+FILLED = [
+    # 16, 32, 64: strides 4 and 8 from the stride-16 level, 64 left out.
+    ('efficientvit_m0', (225, 301), (0, 0, 0, 1), (2, 1, 0, 0)),
+    # 8, 8, 16, 32, 64: stride 4 from the second stride-8 level.
+    ('csatv2', (256, 320), (1, 1, 2, 3), (1, 0, 0, 0)),
+    # 2, 4, 8, 16, 32, 64: nothing to make; the stride-64 level left out.
+    ('selecsls42', (225, 301), (1, 2, 3, 4), (0, 0, 0, 0)),
+]
+
+
+@pytest.mark.parametrize('name,size,sources,steps', FILLED,
+                         ids=[c[0] for c in FILLED])
+def test_filled_pyramid_keeps_the_models_levels_and_makes_the_missing(
+        name, size, sources, steps, tmp_path):
+    """'auto' completes a multi-scale model to strides 4..32: a stride it
+    has is timm's own map (a timm checkpoint loads strictly; the new layers
+    are reported as such); a finer one is its nearest coarser level through
+    2x2 transposed convs (each halving the channels); a coarser one than 32
+    is not built."""
+    from vb_plugin.weights.timm import load_timm_pretrained
+    src = timm.create_model(name, pretrained=False)
+    path = tmp_path / 'w.pth'
+    torch.save(src.state_dict(), path)
+    model = VBTimmBackbone(name)
+    assert model.pyramid_kind == 'fill'
+    report = load_timm_pretrained(model, path, verbose=False)
+    assert all(k.startswith('pyramid.') for k in report.kept_initial)
+    assert len(report.kept_initial) == 2 * sum(
+        s for s in steps) + 2 * sum(s > 1 for s in steps)
+    model.eval()
+    channels = [src.feature_info[j]['num_chs'] for j in sources]
+    assert model.out_strides == (4, 8, 16, 32)
+    assert model.out_channels == tuple(
+        c // 2**s for c, s in zip(channels, steps))
+    # NOTE: the levels past stride 32 are not built.
+    ref = timm.create_model(name, pretrained=False, features_only=True,
+                            out_indices=sorted(set(sources)),
+                            **model.create_kwargs).eval()
+    ref.load_state_dict({k[len('body.'):]: v for k, v in
+                         model.state_dict().items()
+                         if k.startswith('body.')})
+    x = torch.rand(1, 3, *size)
+    with torch.no_grad():
+        outs = model(x)
+        refs = dict(zip(sorted(set(sources)), ref(x)))
+    for i, (out, j, s) in enumerate(zip(outs, sources, steps)):
+        stride = 4 * 2**i
+        assert tuple(out.shape) == (1, model.out_channels[i],
+                                    math.ceil(size[0] / stride),
+                                    math.ceil(size[1] / stride))
+        layer = model.pyramid[str(i)]
+        kinds = ([type(m).__name__ for m in layer]
+                 if isinstance(layer, torch.nn.Sequential)
+                 else [type(layer).__name__])
+        assert kinds == {0: ['Identity'], 1: ['ConvTranspose2d'],
+                         2: ['ConvTranspose2d', 'LayerNorm2d', 'GELU',
+                             'ConvTranspose2d']}[s]
+        with torch.no_grad():
+            expect = layer(refs[j])[..., :out.shape[2], :out.shape[3]]
+        assert max_abs_diff(out, expect) <= TOL
+
+
+def test_filled_stages_and_frozen_stages():
+    """frozen_stages counts strides in every family: EfficientViT-MSRA has
+    no level at stride 4 or 8, so stages 0 and 1 hold nothing, and
+    freezing them freezes the stem only; the made levels are never frozen;
+    out_indices=(0, ) builds up to the stride-16 level it comes from."""
+    def frozen(model):
+        return {n.split('.')[1] for n, p in model.named_parameters()
+                if not p.requires_grad}
+
+    model = VBTimmBackbone('efficientvit_m0', frozen_stages=2)
+    assert model.stage_module_names(0) == model.stage_module_names(1) == ()
+    assert model.stage_module_names(2) == ('body.stages_0', )
+    assert frozen(model) == {'patch_embed_conv1', 'patch_embed_conv2',
+                             'patch_embed_conv3', 'patch_embed_conv4'}
+    model = VBTimmBackbone('efficientvit_m0', frozen_stages=3)
+    assert frozen(model) == {'patch_embed_conv1', 'patch_embed_conv2',
+                             'patch_embed_conv3', 'patch_embed_conv4',
+                             'stages_0'}
+    assert all(p.requires_grad for p in model.pyramid.parameters())
+    model = VBTimmBackbone('efficientvit_m0', out_indices=(0, ))
+    assert model.num_built_stages == 3 and model.out_channels == (16, )
+    assert not hasattr(model.body, 'stages_1')
+    assert tuple(model.eval()(torch.rand(1, 3, 64, 96))[0].shape) == (
+        1, 16, 16, 24)
+
+
+def test_filled_pyramid_errors():
+    for kwargs, strides in ((dict(output_stride=16),
+                             '[2, 4, 8, 16, 16] (output_stride=16)'),
+                            (dict(model_name='sequencer2d_s'),
+                             '[7, 14, 14, 14]')):
+        kwargs.setdefault('model_name', 'resnet10t')
+        with pytest.raises(ValueError, match='^' + re.escape(
+                "pyramid='fill' completes a model's own levels at strides 4, "
+                f"8, 16, 32 to all four; {kwargs['model_name']!r} has timm "
+                f"strides {strides}: use pyramid=None or 'auto'") + '$'):
+            VBTimmBackbone(pyramid='fill', **kwargs)
+    with pytest.raises(ValueError, match='^' + re.escape(
+            "pyramid='fill' needs levels='vb' (its outputs are strides "
+            "4..32), got levels='timm'") + '$'):
+        VBTimmBackbone('efficientvit_m0', levels='timm', pyramid='fill')
+    # A dilated model keeps its strides under 'auto'; levels='timm' and
+    # pyramid=None keep the raw levels.
+    assert VBTimmBackbone('resnet10t', output_stride=16).out_strides == (
+        4, 8, 16, 16)
+    assert VBTimmBackbone('efficientvit_m0', levels='timm').out_strides == (
+        16, 32, 64)
+    assert VBTimmBackbone('efficientvit_m0', pyramid=None).out_strides == (
+        16, 32, 64)
 
 
 def test_frozen_stages_freeze_embeddings_and_blocks():

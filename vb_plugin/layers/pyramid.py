@@ -6,7 +6,10 @@ strides 4, 8, 16 and 32 with two 2x2 transposed convs (norm and GELU between
 them), one, none and a 2x2 max-pool. ViTDet then projects each scale with a
 1x1 and a 3x3 conv; under an mmdet config that is the FPN neck's lateral and
 output convs, so they are not built here. The multi-level form (BEiT and
-mmseg's ViT-UperNet) resamples four intermediate blocks the same way.
+mmseg's ViT-UperNet) resamples four intermediate blocks the same way. A
+multi-scale model that lacks some of the four strides (no stride-4 level:
+Visformer, EfficientViT-MSRA) gets them the same way from its nearest
+coarser level (:func:`rescale_level`).
 
 A map at a stride other than 16 (patch 14 in DINOv2 and EVA-02) is first
 resized to the stride-16 grid of the input, ``ceil(H / 16) x ceil(W / 16)``
@@ -55,35 +58,65 @@ def _up(channels: int, out: int) -> nn.ConvTranspose2d:
     return nn.ConvTranspose2d(channels, out, kernel_size=2, stride=2)
 
 
+def rescale_level(channels: int, steps: int) -> nn.Module:
+    """The module that moves a map ``steps`` octaves finer (``steps > 0``:
+    2x2 transposed convs, each halving the channels, LayerNorm and GELU
+    between them, as ViTDet's stride-4 level) or coarser (``steps < 0``: a
+    max-pool); ``steps == 0`` is the identity.
+
+    Example:
+        >>> x = torch.rand(1, 64, 5, 7)
+        >>> [tuple(rescale_level(64, s)(x).shape) for s in (2, 1, 0, -1)]
+        [(1, 16, 20, 28), (1, 32, 10, 14), (1, 64, 5, 7), (1, 64, 2, 3)]
+    """
+    if steps < 0:
+        return nn.MaxPool2d(kernel_size=2**-steps, stride=2**-steps)
+    if steps == 0:
+        return nn.Identity()
+    layers = []
+    for k in range(steps):
+        if k:
+            layers += [LayerNorm2d(channels), nn.GELU()]
+        layers.append(_up(channels, channels // 2))
+        channels //= 2
+    return layers[0] if steps == 1 else nn.Sequential(*layers)
+
+
+def rescaled_channels(channels: int, steps: int) -> int:
+    """Channels of :func:`rescale_level`'s output.
+
+    Example:
+        >>> [rescaled_channels(64, s) for s in (2, 1, 0, -1)]
+        [16, 32, 64, 64]
+    """
+    return channels // 2**max(steps, 0)
+
+
 def pyramid_level(level: int, channels: int, kind: str) -> nn.Module:
     """The module that turns a stride-16 map into pyramid level ``level``.
 
     Args:
         level (int): 0..3, strides 4..32.
         channels (int): Channels of the stride-16 map.
-        kind (str): 'simple' (ViTDet: stride 4 and 8 at width/4 and
-            width/2, with LayerNorm and GELU between the two transposed
-            convs) or 'multilevel' (BEiT: every level at full width, with
-            BatchNorm and GELU between the two transposed convs).
+        kind (str): 'simple' (ViTDet: :func:`rescale_level` by ``2 -
+            level`` octaves, stride 4 and 8 at width/4 and width/2) or
+            'multilevel' (BEiT: every level at full width, with BatchNorm
+            and GELU between the two transposed convs).
 
     Example:
         >>> x = torch.rand(1, 64, 5, 7)
         >>> [tuple(pyramid_level(i, 64, 'simple')(x).shape) for i in range(4)]
         [(1, 16, 20, 28), (1, 32, 10, 14), (1, 64, 5, 7), (1, 64, 2, 3)]
     """
+    if kind == 'simple':
+        return rescale_level(channels, 2 - level)
     if level == 0:
-        if kind == 'simple':
-            half, quarter = channels // 2, channels // 4
-            return nn.Sequential(_up(channels, half), LayerNorm2d(half),
-                                 nn.GELU(), _up(half, quarter))
         return nn.Sequential(_up(channels, channels),
                              nn.BatchNorm2d(channels), nn.GELU(),
                              _up(channels, channels))
     if level == 1:
-        return _up(channels, channels // 2 if kind == 'simple' else channels)
-    if level == 2:
-        return nn.Identity()
-    return nn.MaxPool2d(kernel_size=2, stride=2)
+        return _up(channels, channels)
+    return rescale_level(channels, 2 - level)
 
 
 def pyramid_channels(channels: int, kind: str) -> Tuple[int, ...]:
@@ -94,7 +127,7 @@ def pyramid_channels(channels: int, kind: str) -> Tuple[int, ...]:
         ((48, 96, 192, 192), (192, 192, 192, 192))
     """
     if kind == 'simple':
-        return (channels // 4, channels // 2, channels, channels)
+        return tuple(rescaled_channels(channels, 2 - i) for i in range(4))
     return (channels, ) * 4
 
 

@@ -20,6 +20,7 @@ are timm's own, and maps timm's structure onto the contract:
   strictly, then move into the extractor; see :mod:`vb_plugin.weights.timm`.
 """
 import difflib
+import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,10 +31,12 @@ from typing import (Callable, Dict, Iterator, List, Optional, Sequence,
 import timm
 import torch
 from mmengine.registry import MODELS
-from timm.layers import (PatchEmbed, resample_abs_pos_embed,
+from timm.layers import (PatchEmbed, ndgrid, resample_abs_pos_embed,
                          resample_abs_pos_embed_nhwc,
                          resize_rel_pos_bias_table_simple, to_2tuple)
-from timm.layers.pos_embed_rel import RelPosMlp, gen_relative_log_coords
+from timm.layers.pos_embed_rel import (RelPosBias, RelPosBiasTf, RelPosMlp,
+                                       gen_relative_log_coords,
+                                       generate_lookup_tensor)
 from timm.layers.pos_embed_rel import \
     gen_relative_position_index as rel_pos_index
 from timm.models import model_entrypoint, split_model_name_tag
@@ -42,8 +45,16 @@ from timm.models._features import (FeatureDictNet, FeatureGetterNet,
 from timm.models.beit import Attention as BeitAttention
 from timm.models.beit import gen_relative_position_index
 from timm.models.convit import GPSA
+from timm.models.efficientformer import Attention as EfficientFormerAttn
+from timm.models.efficientformer_v2 import Attention2d as EfficientV2Attn
+from timm.models.efficientformer_v2 import \
+    Attention2dDownsample as EfficientV2AttnDownsample
 from timm.models.efficientnet import EfficientNetFeatures
+from timm.models.hiera import Hiera, Reroll
 from timm.models.hrnet import HighResolutionNetFeatures
+from timm.models.levit import Attention as LevitAttention
+from timm.models.levit import AttentionDownsample as LevitAttnDownsample
+from timm.models.levit import Downsample as LevitDownsample
 from timm.models.mobilenetv3 import MobileNetV3Features
 from timm.models.mvitv2 import (MultiScaleAttention,
                                 MultiScaleAttentionPoolFirst)
@@ -53,7 +64,8 @@ from torch import nn
 from ..checks import check_int
 from ..layers.pyramid import (PYRAMID_STRIDES, crop_to_stride,
                               pyramid_channels, pyramid_level,
-                              resample_to_stride16)
+                              resample_to_stride16, rescale_level,
+                              rescaled_channels)
 from ..weights.rules import WeightSource
 from ..weights.timm import TimmLayout
 from .base import OptConfigType, VBBackbone, round_up_to
@@ -65,7 +77,7 @@ RESERVED_KWARGS = ('pretrained', 'features_only', 'out_indices', 'in_chans',
 
 LEVEL_MODES = ('vb', 'timm')
 
-PYRAMIDS = ('auto', 'simple', 'multilevel', None)
+PYRAMIDS = ('auto', 'simple', 'multilevel', 'fill', None)
 
 #: What the input's height and width must be multiples of, by timm model
 #: module, where it is not 1 (measured: these fail with a bare RuntimeError
@@ -126,8 +138,17 @@ class StagePlan:
     stem_levels: Tuple[int, ...]
     stage_levels: Tuple[Tuple[int, ...], ...]
 
+    def source_stage(self, stage: int) -> int:
+        """The stage whose map gives ``stage``'s output: itself, or, for a
+        stage without levels (:func:`plan_filled_stages`), the nearest
+        coarser stage that has some, else the nearest finer one."""
+        if self.stage_levels[stage]:
+            return stage
+        own = [k for k, lv in enumerate(self.stage_levels) if lv]
+        return next((k for k in own if k > stage), own[-1])
+
     def output_level(self, stage: int) -> int:
-        return self.stage_levels[stage][-1]
+        return self.stage_levels[self.source_stage(stage)][-1]
 
 
 def plan_stages(reductions: Sequence[int], levels: str = 'vb') -> StagePlan:
@@ -171,6 +192,27 @@ def plan_stages(reductions: Sequence[int], levels: str = 'vb') -> StagePlan:
     else:
         groups = [(i, ) for i in rest]
     return StagePlan(tuple(range(first)), tuple(groups))
+
+
+def plan_filled_stages(reductions: Sequence[int]) -> StagePlan:
+    """Four stages at strides 4, 8, 16 and 32 (``pyramid='fill'``): stage
+    ``k`` holds the levels at stride ``4 * 2**k``; finer levels are the
+    stem, coarser ones are left out, and a stride the model lacks gets a
+    stage without levels (its output comes from
+    :meth:`StagePlan.source_stage`).
+
+    Example:
+        >>> plan = plan_filled_stages([16, 32, 64])
+        >>> plan.stage_levels, [plan.source_stage(k) for k in range(4)]
+        (((), (), (0,), (1,)), [2, 2, 2, 3])
+        >>> plan_filled_stages([4, 8, 8, 16]).stage_levels
+        ((0,), (1, 2), (3,), ())
+    """
+    stem = tuple(i for i, r in enumerate(reductions) if r < 4)
+    stages = tuple(
+        tuple(i for i, r in enumerate(reductions) if r == s)
+        for s in PYRAMID_STRIDES)
+    return StagePlan(stem, stages)
 
 
 def _check_model_name(model_name: str) -> None:
@@ -464,6 +506,7 @@ class _SizeProbe:
     divisor: int = 1
     pad: int = 1
     positions: Tuple[_PositionGrid, ...] = ()
+    same_padding: bool = False
 
 
 #: (model name, create keywords, in_channels) -> what the probe found; the
@@ -540,7 +583,14 @@ grid=(14, 14), prefix=0),)
             else:
                 continue
             break
-    # NOTE: module state made for the token grid: BEiT's per-block
+    # NOTE: module state made for the token grid: Hiera's token order
+    # (unrolled into mask units by a schedule made for its grid of mask
+    # units, at stride patch x mask unit); CoAtNet's relative
+    # position biases over a whole map (named by their attention, which
+    # calls their get_bias with fused attention; a square one: windows of MaxViT's
+    # size that equal a grid are not told apart, but then do not run and
+    # the model stays refused), EfficientFormer's attention biases by
+    # offset (LeViT-style); BEiT's per-block
     # relative position tables span their window, the whole grid (timm's
     # resize takes square windows only); ViT-RelPos's bias MLPs read their
     # window's coordinates (named by their attention, which calls them, or
@@ -549,9 +599,12 @@ grid=(14, 14), prefix=0),)
     # sees it); TNT's pixel embedding checks the input size and, with the
     # model, reshapes by its patch count; ConViT's gated attention makes
     # its relative indices for a square grid of N tokens.
+    # NOTE: a grid made by padded stride-2 steps is rounded up (LeViT: 4x4
+    # at stride 64 of 224).
     stride_of: Dict[Tuple[int, int], int] = {}
-    for stride, grid in grids.items():
-        stride_of.setdefault(grid, stride)  # the finest stride first
+    for stride in grids:  # the finest stride first
+        stride_of.setdefault((-(-native[0] // stride), -(-native[1] // stride)),
+                             stride)
     single = len(set(strides)) == 1
     shared = any(n.endswith('shared_rel_pos') for n, m in
                  model.named_modules() if isinstance(m, RelPosMlp))
@@ -566,6 +619,24 @@ grid=(14, 14), prefix=0),)
             elif isinstance(module, RelPosMlp) and not shared:
                 found.append(_PositionGrid(name.rpartition('.')[0], 'MLP',
                                            stride, window))
+        elif isinstance(module, (RelPosBias, RelPosBiasTf)) and not getattr(
+                module, 'prefix_tokens', 0) and name.endswith('.rel_pos'):
+            window = tuple(module.window_size)
+            if window in stride_of and window[0] == window[1]:
+                found.append(_PositionGrid(name.rpartition('.')[0], 'RPB',
+                                           stride_of[window], window))
+        elif isinstance(module, OFFSET_MODULES):
+            window = _offset_grid(module)
+            if window in stride_of:
+                found.append(_PositionGrid(name, 'OFFSET', stride_of[window],
+                                           window))
+        elif isinstance(module, Hiera) and getattr(
+                module, 'pos_embed_spatial', None) is None:
+            stride = module.patch_stride[0] * module.mask_unit_size[0]
+            if tuple(module.mask_spatial_shape) == (native[0] // stride,
+                                                    native[1] // stride):
+                found.append(_PositionGrid(name, 'UNROLL', stride, tuple(
+                    module.mask_spatial_shape)))
         elif isinstance(module, PixelEmbed) and single:
             found.append(_PositionGrid(name, 'TNT', strides[0],
                                        tuple(module.grid_size)))
@@ -597,6 +668,11 @@ def _resampled_positions(model: nn.Module, grids: Sequence[_PositionGrid],
                 out.update({f'{g.name}.{k}': v for k, v in _grid_values(
                     attn, g.layout, g.grid, new).items()})
             continue
+        if g.layout == 'UNROLL':
+            hiera = modules.get(g.name)
+            if hiera is not None:
+                out.update(_unroll_values(hiera, g.name, new))
+            continue
         if g.layout == 'TNT':
             owner = g.name.rpartition('.')[0]
             out.update({f'{g.name}.img_size': (new[0] * g.stride,
@@ -616,6 +692,24 @@ def _resampled_positions(model: nn.Module, grids: Sequence[_PositionGrid],
             out[g.name] = resample_abs_pos_embed_nhwc(
                 param.permute(0, 2, 3, 1), new).permute(0, 3, 1, 2)
     return out
+
+
+def _unroll_values(hiera: nn.Module, name: str,
+                   grid: Sequence[int]) -> Dict[str, object]:
+    """Hiera's token order for a ``grid`` of mask units: the sizes its
+    unroll and reroll use and the reroll's schedule, as timm makes them
+    for that input size (its blocks read the number of mask units from
+    the tokens)."""
+    unit, patch = hiera.mask_unit_size, hiera.patch_stride
+    tokens = [n * u for n, u in zip(grid, unit)]
+    reroll = Reroll([n * p for n, p in zip(tokens, patch)], patch,
+                    hiera.unroll.schedule, hiera.stage_ends, hiera.q_pool)
+    prefix = f'{name}.' if name else ''
+    return {f'{prefix}{k}': v for k, v in (
+        ('unroll.size', tokens), ('reroll.size', reroll.size),
+        ('reroll.schedule', reroll.schedule),
+        ('tokens_spatial_shape', tokens),
+        ('mask_spatial_shape', list(grid)))}
 
 
 @lru_cache(maxsize=2)
@@ -680,12 +774,119 @@ def _mlp_values(attn: nn.Module, native: Tuple[int, int],
     return {f'rel_pos.{k}': v for k, v in values.items()}
 
 
+@lru_cache(maxsize=4)
+def _rpb_index(grid: Tuple[int, int]) -> torch.Tensor:
+    """timm's relative position index (no class token) for a grid."""
+    return rel_pos_index(grid, device='cpu').view(-1)
+
+
+#: Modules whose attention biases are a table over token offsets (LeViT's,
+#: EfficientFormer's and EfficientFormerV2's), or that reshape tokens to
+#: their grid (LeViT's subsampling).
+OFFSET_MODULES = (EfficientFormerAttn, EfficientV2Attn,
+                  EfficientV2AttnDownsample, LevitAttention,
+                  LevitAttnDownsample, LevitDownsample)
+
+
+def _offset_grid(module: nn.Module) -> Tuple[int, int]:
+    """The token grid an :data:`OFFSET_MODULES` module was made for
+    (EfficientFormer keeps no resolution: its square table tells it)."""
+    if hasattr(module, 'resolution'):
+        return tuple(to_2tuple(module.resolution))
+    side = math.isqrt(module.attention_biases.shape[1])
+    return (side, side) if side * side == module.attention_biases.shape[
+        1] else (0, 0)
+
+
+@lru_cache(maxsize=8)
+def _offset_index(grid: Tuple[int, int], stride: int) -> torch.Tensor:
+    """LeViT's (and EfficientFormer's) bias index for a grid: the bias of a
+    query and a key token is the table's entry at their absolute offset
+    ``(|dy|, |dx|)``; queries are every ``stride``-th token (LeViT's
+    subsampling attention), as timm makes them."""
+    keys = torch.stack(ndgrid(torch.arange(grid[0]),
+                              torch.arange(grid[1]))).flatten(1)
+    queries = torch.stack(ndgrid(torch.arange(0, grid[0], stride),
+                                 torch.arange(0, grid[1], stride))).flatten(1)
+    rel = (queries[..., :, None] - keys[..., None, :]).abs()
+    return rel[0] * grid[1] + rel[1]
+
+
+def _rpb_values(attn: nn.Module, native: Tuple[int, int],
+                grid: Sequence[int]) -> Dict[str, object]:
+    """A relative position bias over a whole map (CoAtNet's ``RelPosBias``
+    or ``RelPosBiasTf``) for a token ``grid``: the table resized as BEiT's
+    (timm's bicubic resize), its index or lookups, window and shapes, as
+    its ``set_window_size`` makes them (without replacing the
+    parameter). ``attn`` is the attention that holds it as ``rel_pos``."""
+    bias = attn.rel_pos
+    grid = tuple(grid)
+    table = bias.relative_position_bias_table
+    vocab = (2 * grid[0] - 1, 2 * grid[1] - 1)
+    area = grid[0] * grid[1]
+    values: Dict[str, object] = {'window_size': grid, 'window_area': area}
+    if isinstance(bias, RelPosBiasTf):
+        shape = (bias.num_heads, *vocab)
+        lookup = bias.height_lookup
+        values.update(
+            bias_shape=shape,
+            height_lookup=generate_lookup_tensor(
+                grid[0], device=lookup.device, dtype=lookup.dtype),
+            width_lookup=generate_lookup_tensor(
+                grid[1], device=lookup.device, dtype=lookup.dtype))
+    else:
+        heads = table.shape[-1]
+        shape = (vocab[0] * vocab[1], heads)
+        values.update(bias_shape=(area, area, heads),
+                      relative_position_index=_rpb_index(grid).to(
+                          table.device))
+    values['relative_position_bias_table'] = (
+        resize_rel_pos_bias_table_simple(table, new_window_size=grid,
+                                         new_bias_shape=shape))
+    return {f'rel_pos.{k}': v for k, v in values.items()}
+
+
+def _offset_values(attn: nn.Module, native: Tuple[int, int],
+                   grid: Sequence[int]) -> Dict[str, object]:
+    """An :data:`OFFSET_MODULES` module's state for a token ``grid``: its
+    resolution; its bias table over offsets ``0..r-1`` on each axis
+    resized (bicubic, as the relative tables above) to ``0..h-1`` and
+    ``0..w-1``, with the index for the grid; its per-device cache of
+    biases emptied, so the native ones are not reused."""
+    grid = tuple(grid)
+    values: Dict[str, object] = {}
+    if hasattr(attn, 'resolution'):
+        values['resolution'] = grid
+    if hasattr(attn, 'N'):
+        values['N'] = grid[0] * grid[1]
+    # NOTE: queries every other token (EfficientFormerV2's downsampling
+    # attention keeps their grid as resolution2).
+    step = 2 if isinstance(attn, EfficientV2AttnDownsample) else getattr(
+        attn, 'stride', 1)
+    if hasattr(attn, 'resolution2'):
+        half = (-(-grid[0] // 2), -(-grid[1] // 2))
+        values.update(resolution2=half, N2=half[0] * half[1])
+    table = getattr(attn, 'attention_biases', None)
+    if table is None:
+        return values
+    heads = table.shape[0]
+    values.update(
+        attention_biases=torch.nn.functional.interpolate(
+            table.reshape(1, heads, *native), size=grid, mode='bicubic',
+            align_corners=False).reshape(heads, grid[0] * grid[1]),
+        attention_bias_idxs=_offset_index(grid, step).to(table.device),
+        attention_bias_cache={})
+    return values
+
+
 #: Attentions whose position state is made for a token grid, by the layout
 #: of their _PositionGrid: the values for a grid (see _grid_values).
 GRID_MODULES: Dict[str, Callable[..., Dict[str, object]]] = {
     'REL': _window_values,
     'GPSA': _gpsa_values,
     'MLP': _mlp_values,
+    'RPB': _rpb_values,
+    'OFFSET': _offset_values,
 }
 
 
@@ -789,6 +990,37 @@ def _enter_mvit(attn: nn.Module, args) -> None:
     _swap_in(attn, values)
 
 
+def _pad_same(model: nn.Module) -> Tuple[str, ...]:
+    """Give the convolutions and pools that do not pad (VALID) SAME
+    padding, ``(k - 1) * dilation / 2`` (odd kernels; pools do not count
+    the padding), so that a level at stride s is ``ceil(H / s)`` and its
+    cells line up with the image's grid, as TF's object detection API does
+    with ``align_feature_maps=True`` for its Inception backbones. Weights
+    are unchanged. Returns the names of the modules changed.
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(3, 8, 3, 2), nn.Conv2d(8, 8, 1),
+        ...                   nn.MaxPool2d(3, 2, padding=1))
+        >>> _pad_same(m), m[0].padding
+        (('0',), (1, 1))
+    """
+    changed = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            continue
+        kernel = to_2tuple(module.kernel_size)
+        dilation = to_2tuple(getattr(module, 'dilation', 1))
+        if (to_2tuple(module.padding) != (0, 0) or max(kernel) == 1
+                or not all(k % 2 for k in kernel)):
+            continue
+        module.padding = tuple((k - 1) * d // 2
+                               for k, d in zip(kernel, dilation))
+        if isinstance(module, nn.AvgPool2d):
+            module.count_include_pad = False
+        changed.append(name)
+    return tuple(changed)
+
+
 def _relax_patch_embeds(model: nn.Module) -> None:
     """timm's patch embeddings stop checking the input against their
     pretraining size (the position embeddings are resampled instead)."""
@@ -827,8 +1059,14 @@ class VBTimmBackbone(VBBackbone):
             spaced blocks, each resampled (BEiT, mmseg's ViT-UperNet);
             None: the raw levels at the model's own stride. A map at
             another stride than 16 (patch 14) is first resized to the
-            stride-16 grid. 'auto' is 'simple' where 'simple' applies and
-            None for the others. Defaults to 'auto'.
+            stride-16 grid. 'fill': a multi-scale model's own levels at
+            strides 4..32, the strides it lacks made from its next
+            coarser level (2x2 transposed convs), levels past 32 not
+            built (Visformer: 8, 16, 32; EfficientViT-MSRA: 16, 32, 64).
+            'auto' is 'simple' where 'simple' applies, 'fill' for
+            multi-scale models that lack some of strides 4..32 or have a
+            level past 32 (without ``output_stride``), and None for the
+            others. Defaults to 'auto'.
         model_kwargs (dict, optional): Other ``timm.create_model`` keywords
             (e.g. ``act_layer``, ``img_size``). timm's options for any
             input size (``dynamic_img_size``, ``dynamic_img_pad``,
@@ -906,8 +1144,20 @@ class VBTimmBackbone(VBBackbone):
         # device: no memory, no initialisation, and stage_module_names can
         # answer for stages that are never built.
         self.timm_levels = self._read_levels()
-        self.plan = plan_stages([lv.reduction for lv in self.timm_levels],
-                                levels)
+        reductions = [lv.reduction for lv in self.timm_levels]
+        self.pyramid_kind = self._resolve_pyramid(pyramid, levels)
+        self.plan = (plan_filled_stages(reductions)
+                     if self.pyramid_kind == 'fill' else
+                     plan_stages(reductions, levels))
+        if (self.pyramid_kind in ('simple', 'multilevel')
+                and len(self.plan.stage_levels) != 4):
+            # NOTE: frozen_stages counts four stages (quarters of the
+            # blocks), one per pyramid level.
+            raise ValueError(
+                f'pyramid={self.pyramid_kind!r} needs at least 4 blocks (four '
+                'stages, one per pyramid level); '
+                f'{self.model_name!r} has {len(self.plan.stage_levels)} '
+                'feature levels: use pyramid=None')
         all_levels = self._extracted_levels
         try:
             with torch.device('meta'):
@@ -925,11 +1175,12 @@ class VBTimmBackbone(VBBackbone):
             for stage_levels in self.plan.stage_levels
         ]
         if not self.plan.stem_levels:
-            first = self._stage_groups[0]
+            k = self.plan.source_stage(0)
+            first = self._stage_groups[k]
             own = self._own_module(full, self.timm_levels[
-                self.plan.stage_levels[0][0]], first)
+                self.plan.stage_levels[k][0]], first)
             self._stem_groups = first[:own]
-            self._stage_groups[0] = first[own:]
+            self._stage_groups[k] = first[own:]
         self._stage_groups = tuple(self._stage_groups)
         self._nhwc = str(getattr(full, 'output_fmt', 'NCHW')).endswith('NHWC')
         if 'img_size' not in model_kwargs:
@@ -938,10 +1189,16 @@ class VBTimmBackbone(VBBackbone):
 
         levels_out = [self.timm_levels[self.plan.output_level(k)]
                       for k in range(len(self.plan.stage_levels))]
-        self.pyramid_kind = self._resolve_pyramid(pyramid, levels, levels_out)
         stage_channels = [lv.channels for lv in levels_out]
         stage_strides = [lv.reduction for lv in levels_out]
-        if self.pyramid_kind is not None:
+        if self.pyramid_kind == 'fill':
+            stage_channels = [
+                rescaled_channels(lv.channels, self._fill_steps(k))
+                for k, lv in enumerate(levels_out)]
+            stage_strides = list(PYRAMID_STRIDES)
+            self.new_layer_patterns = self.new_layer_patterns + (
+                r'^pyramid\.', )
+        elif self.pyramid_kind is not None:
             self.native_stride = levels_out[-1].reduction
             stage_channels = list(pyramid_channels(levels_out[-1].channels,
                                                    self.pyramid_kind))
@@ -1034,6 +1291,7 @@ class VBTimmBackbone(VBBackbone):
         embed = getattr(model, 'patch_embed', None)
         patch = getattr(embed, 'patch_size', None)
         self.input_pad = 1
+        self.same_padding = False
         self.position_grids: Tuple[_PositionGrid, ...] = ()
         # NOTE: only timm's PatchEmbed (non-overlapping patches) needs it;
         # overlapping conv embeddings (PVT v2) take any size.
@@ -1085,6 +1343,7 @@ class VBTimmBackbone(VBBackbone):
         self.size_divisor = max(self.size_divisor, found.divisor)
         self.input_pad = max(self.input_pad, found.pad)
         self.position_grids = found.positions
+        self.same_padding = found.same_padding
 
     def _probe(self, full: nn.Module) -> _SizeProbe:
         param = next(full.parameters(), None)
@@ -1131,6 +1390,19 @@ class VBTimmBackbone(VBBackbone):
         outs, err = run_at(probe)
         if ran(err):
             message = self._map_size_message(probe, outs) if outs else ''
+            if message and _pad_same(full):
+                # NOTE: convolutions that do not pad (Xception, Inception
+                # v4): SAME padding, as TF's detection API does for them.
+                odd = (probe[0] - 31, probe[1] - 29)
+                checked = [(size, run_at(size)) for size in (probe, odd)]
+                if all(o is not None and not self._map_size_message(size, o)
+                       for size, (o, _) in checked):
+                    return _SizeProbe(same_padding=True)
+                message = message.replace(
+                    '(its convolutions do not pad)',
+                    '(its convolutions do not pad, and SAME padding on its '
+                    'convolution and pool modules does not line its maps up '
+                    'either)')
             if message or self.input_pad > 1:
                 return _SizeProbe(message)
             _, err = run_at((probe[0] - 31, probe[1] - 29))
@@ -1197,8 +1469,8 @@ class VBTimmBackbone(VBBackbone):
                 'only part of the image: choose another model')
         return ''
 
-    def _resolve_pyramid(self, pyramid: Optional[str], levels: str,
-                         levels_out: List[TimmLevel]) -> Optional[str]:
+    def _resolve_pyramid(self, pyramid: Optional[str],
+                         levels: str) -> Optional[str]:
         strides = [lv.reduction for lv in self.timm_levels]
         single = len(set(strides)) == 1
         # NOTE: a model with no level finer than stride 7 and none coarser
@@ -1206,10 +1478,36 @@ class VBTimmBackbone(VBBackbone):
         # pyramid of its own either: the simple pyramid is built on its
         # last map, as on a ViT's.
         plain = single or (min(strides) > 4 and max(strides) <= 16)
+        # NOTE: a multi-scale model whose levels from stride 4 to 32 are at
+        # some of 4, 8, 16, 32 (Visformer: 8, 16, 32; EfficientViT-MSRA: 16,
+        # 32, 64) can be completed to all four ('fill'); a dilated one
+        # (output_stride) keeps its strides.
+        kept = [s for s in strides if 4 <= s <= 32]
+        fillable = bool(kept) and set(kept) <= set(PYRAMID_STRIDES) and (
+            self.output_stride is None)
         if pyramid == 'auto':
-            pyramid = 'simple' if plain and levels == 'vb' else None
+            if levels != 'vb':
+                return None
+            if plain:
+                return 'simple'
+            if fillable and (set(kept) != set(PYRAMID_STRIDES)
+                             or max(strides) > 32):
+                return 'fill'
+            return None
         if pyramid is None:
             return None
+        if pyramid == 'fill':
+            if levels != 'vb':
+                raise self._levels_error(pyramid, levels)
+            if not fillable:
+                raise ValueError(
+                    f"pyramid='fill' completes a model's own levels at "
+                    'strides 4, 8, 16, 32 to all four; '
+                    f'{self.model_name!r} has timm strides {strides}'
+                    + (f' (output_stride={self.output_stride})'
+                       if self.output_stride is not None else '')
+                    + ": use pyramid=None or 'auto'")
+            return pyramid
         if pyramid == 'multilevel' and not single:
             raise ValueError(
                 f'pyramid={pyramid!r} is for single-scale models (ViT-style, '
@@ -1224,24 +1522,35 @@ class VBTimmBackbone(VBBackbone):
                 f'multi-scale (timm strides {strides}): use pyramid=None or '
                 "'auto'")
         if levels != 'vb':
-            raise ValueError(f'pyramid={pyramid!r} needs levels=\'vb\' (its '
-                             'outputs are strides 4..32), got '
-                             f'levels={levels!r}')
-        if len(levels_out) != 4:
-            # NOTE: frozen_stages counts four stages (quarters of the
-            # blocks), one per pyramid level.
-            raise ValueError(
-                f'pyramid={pyramid!r} needs at least 4 blocks (four stages, '
-                f'one per pyramid level); {self.model_name!r} has '
-                f'{len(levels_out)} feature levels: use pyramid=None')
+            raise self._levels_error(pyramid, levels)
         return pyramid
+
+    @staticmethod
+    def _levels_error(pyramid: str, levels: str) -> ValueError:
+        return ValueError(f'pyramid={pyramid!r} needs levels=\'vb\' (its '
+                         'outputs are strides 4..32), got '
+                         f'levels={levels!r}')
+
+    def _fill_steps(self, stage: int) -> int:
+        """Octaves from the map that gives ``stage``'s output to the stage
+        (``pyramid='fill'``): > 0 finer, < 0 coarser."""
+        return self.plan.source_stage(stage) - stage
+
+    def _source_level(self, stage: int) -> int:
+        """The timm level whose map gives ``stage``'s output."""
+        if self.pyramid_kind == 'simple':
+            # NOTE: every level of the simple pyramid is made from the
+            # last block's map.
+            return self.plan.output_level(self.num_stages - 1)
+        return self.plan.output_level(stage)
 
     def stages_to_build(self) -> int:
         # NOTE: the simple pyramid is built on the last block's map, so
         # every block is built whatever out_indices asks for.
         if self.pyramid_kind == 'simple':
             return self.num_stages
-        return super().stages_to_build()
+        # NOTE: a filled stage's output comes from a later stage.
+        return max(self.plan.source_stage(i) for i in self.out_indices) + 1
 
     def _create_features(self, timm_indices: Tuple[int, ...]) -> nn.Module:
         try:
@@ -1279,11 +1588,9 @@ class VBTimmBackbone(VBBackbone):
         level (by timm, and by :data:`EXTRACTOR_QUIRKS`), then the pyramid:
         :meth:`stem_module_names` and :meth:`stage_module_names` name the
         groups of the extractor's modules that make the stem and stages."""
-        if self.pyramid_kind == 'simple':
-            indices = (self.plan.output_level(self.num_stages - 1), )
-        else:
-            indices = tuple(self.plan.output_level(i)
-                            for i in self.out_indices)
+        indices = tuple(sorted({self._source_level(i)
+                                for i in self.out_indices}))
+        self._body_levels = indices
         body = self._create_features(indices)
         # NOTE: timm initialised the extractor when it built it. mmengine's
         # BaseModule.init_weights calls the init_weights of any child that
@@ -1292,6 +1599,8 @@ class VBTimmBackbone(VBBackbone):
         body.is_init = True
         if self.position_grids:
             _relax_patch_embeds(body)
+        #: The extractor's modules given SAME padding (see _pad_same).
+        self.same_padded = _pad_same(body) if self.same_padding else ()
         # NOTE: BEiT's tables and ConViT's indices are swapped by hooks on
         # their attentions (see _enter_window), for the grid
         # forward_features sets.
@@ -1329,7 +1638,14 @@ class VBTimmBackbone(VBBackbone):
                     f'with_cp=True: timm does not support gradient '
                     f'checkpointing for {self.model_name!r} ({err})') from err
         modules = {'body': body}
-        if self.pyramid_kind is not None:
+        if self.pyramid_kind == 'fill':
+            modules['pyramid'] = nn.ModuleDict({
+                str(i): rescale_level(
+                    self.timm_levels[self._source_level(i)].channels,
+                    self._fill_steps(i))
+                for i in self.out_indices
+            })
+        elif self.pyramid_kind is not None:
             width = self.timm_levels[indices[-1]].channels
             modules['pyramid'] = nn.ModuleDict({
                 str(i): pyramid_level(i, width, self.pyramid_kind)
@@ -1364,7 +1680,9 @@ class VBTimmBackbone(VBBackbone):
         """NCHW, through the pyramid level when there is one, cropped to the
         input's size at the stage's stride (undoing the input pad)."""
         out = x.permute(0, 3, 1, 2).contiguous() if self._nhwc else x
-        if self.pyramid_kind is not None:
+        if self.pyramid_kind == 'fill':
+            out = self.pyramid[str(i)](out)
+        elif self.pyramid_kind is not None:
             out = self.pyramid[str(i)](resample_to_stride16(
                 out, input_size, self.native_stride))
         return crop_to_stride(out, input_size, self.stage_strides[i])
@@ -1426,11 +1744,10 @@ class VBTimmBackbone(VBBackbone):
                 f'{native[0]}x{native[1]} inputs and timm offers it no '
                 'option for other sizes: use that size, or another model') \
                 from err
-        feats = _feature_list(feats)
-        if self.pyramid_kind == 'simple':
-            # NOTE: every pyramid level is made from the last map.
-            feats = [feats[-1]] * len(self.out_indices)
-        return feats
+        # NOTE: the extractor gives each level once; a level can feed more
+        # than one output (the simple pyramid, filled strides).
+        by_level = dict(zip(self._body_levels, _feature_list(feats)))
+        return [by_level[self._source_level(i)] for i in self.out_indices]
 
     # ------------------------------------------------------------------
     # Layer-wise learning-rate decay (ViT-style models).
