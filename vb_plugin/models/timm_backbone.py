@@ -1297,6 +1297,7 @@ class VBTimmBackbone(VBBackbone):
         # overlapping conv embeddings (PVT v2) take any size.
         if isinstance(embed, PatchEmbed) and not embed.dynamic_img_pad:
             self.input_pad = int(max(to_2tuple(patch)))
+        self._embed_pad = self.input_pad
         cfg = getattr(model, 'pretrained_cfg', None) or {}
         size = self.create_kwargs.get('img_size') or cfg.get(
             'input_size', (3, 224, 224))[-2:]
@@ -1605,6 +1606,15 @@ class VBTimmBackbone(VBBackbone):
         # their attentions (see _enter_window), for the grid
         # forward_features sets.
         modules = dict(body.named_modules())
+        if self.position_grids:
+            # NOTE: the input is padded to the strides of the position
+            # state the built extractor keeps (LeViT's stride-64 stage is
+            # not built under pyramid='fill': 32, not 64).
+            names = set(modules) | {n for n, _ in body.named_parameters()}
+            self.position_grids = tuple(g for g in self.position_grids
+                                        if g.name in names)
+            self.input_pad = max([self._embed_pad] + [
+                g.stride for g in self.position_grids])
         grids = [g for g in self.position_grids
                  if g.layout in GRID_MODULES and g.name in modules]
         self._window_names = tuple(g.name for g in grids)
