@@ -1191,20 +1191,18 @@ class VBTimmBackbone(VBBackbone):
                       for k in range(len(self.plan.stage_levels))]
         stage_channels = [lv.channels for lv in levels_out]
         stage_strides = [lv.reduction for lv in levels_out]
+        if self.pyramid_kind is not None:
+            stage_strides = list(PYRAMID_STRIDES)
+            self.new_layer_patterns = self.new_layer_patterns + (
+                r'^pyramid\.', )
         if self.pyramid_kind == 'fill':
             stage_channels = [
                 rescaled_channels(lv.channels, self._fill_steps(k))
                 for k, lv in enumerate(levels_out)]
-            stage_strides = list(PYRAMID_STRIDES)
-            self.new_layer_patterns = self.new_layer_patterns + (
-                r'^pyramid\.', )
         elif self.pyramid_kind is not None:
             self.native_stride = levels_out[-1].reduction
             stage_channels = list(pyramid_channels(levels_out[-1].channels,
                                                    self.pyramid_kind))
-            stage_strides = list(PYRAMID_STRIDES)
-            self.new_layer_patterns = self.new_layer_patterns + (
-                r'^pyramid\.', )
         if out_indices is None:
             out_indices = tuple(range(len(levels_out)))
         super().__init__(
