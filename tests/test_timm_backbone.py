@@ -930,9 +930,13 @@ def test_beit_relative_position_tables_follow_the_input():
     ('levit_128s', 'OFFSET'),         # biases by |offset|, subsampling
     ('efficientformerv2_s0', 'OFFSET'),
     ('efficientformer_l1', 'OFFSET'),
+    # Windows a fixed fraction of the map (its global query is the map
+    # after fixed halvings): windows and their biases follow the input.
+    ('gcvit_xxtiny', 'GCVIT'),
 ])
 def test_attention_bias_tables_follow_the_input(name, layout):
-    """CoAtNet's relative position biases over a whole map and the biases
+    """CoAtNet's relative position biases over a whole map, GCViT's window
+    biases (its windows are a fixed fraction of the map) and the biases
     by token offset of LeViT and EfficientFormer (V1, V2) are tables made
     for the pretraining grid, and timm offers no option for other sizes.
     Each forward resizes them to the input's grid, with their index: at

@@ -50,6 +50,7 @@ from timm.models.efficientformer_v2 import Attention2d as EfficientV2Attn
 from timm.models.efficientformer_v2 import \
     Attention2dDownsample as EfficientV2AttnDownsample
 from timm.models.efficientnet import EfficientNetFeatures
+from timm.models.gcvit import GlobalContextVitBlock
 from timm.models.hiera import Hiera, Reroll
 from timm.models.hrnet import HighResolutionNetFeatures
 from timm.models.levit import Attention as LevitAttention
@@ -585,12 +586,13 @@ grid=(14, 14), prefix=0),)
             break
     # NOTE: module state made for the token grid: Hiera's token order
     # (unrolled into mask units by a schedule made for its grid of mask
-    # units, at stride patch x mask unit); CoAtNet's relative
-    # position biases over a whole map (named by their attention, which
-    # calls their get_bias with fused attention; a square one: windows of MaxViT's
-    # size that equal a grid are not told apart, but then do not run and
-    # the model stays refused), EfficientFormer's attention biases by
-    # offset (LeViT-style); BEiT's per-block
+    # units, at stride patch x mask unit); GCViT's blocks (windows a fixed
+    # fraction of the map, their relative position biases with them);
+    # CoAtNet's relative position biases over a whole map (named by their
+    # attention, which calls their get_bias with fused attention; square
+    # ones only: a window of MaxViT's that equals a grid is not told apart,
+    # but then the model does not run and stays refused); LeViT's and
+    # EfficientFormer's attention biases by token offset; BEiT's per-block
     # relative position tables span their window, the whole grid (timm's
     # resize takes square windows only); ViT-RelPos's bias MLPs read their
     # window's coordinates (named by their attention, which calls them, or
@@ -603,11 +605,13 @@ grid=(14, 14), prefix=0),)
     # at stride 64 of 224).
     stride_of: Dict[Tuple[int, int], int] = {}
     for stride in grids:  # the finest stride first
-        stride_of.setdefault((-(-native[0] // stride), -(-native[1] // stride)),
-                             stride)
+        grid = (-(-native[0] // stride), -(-native[1] // stride))
+        stride_of.setdefault(grid, stride)
     single = len(set(strides)) == 1
     shared = any(n.endswith('shared_rel_pos') for n, m in
                  model.named_modules() if isinstance(m, RelPosMlp))
+    gcvit = {f'{n}.attn' for n, m in model.named_modules()
+             if isinstance(m, GlobalContextVitBlock)}
     for name, module in model.named_modules():
         if isinstance(module, (BeitAttention, RelPosMlp)):
             window = tuple(module.window_size or ())
@@ -619,8 +623,14 @@ grid=(14, 14), prefix=0),)
             elif isinstance(module, RelPosMlp) and not shared:
                 found.append(_PositionGrid(name.rpartition('.')[0], 'MLP',
                                            stride, window))
+        elif isinstance(module, GlobalContextVitBlock):
+            window = tuple(module.window_size)
+            if window in stride_of:
+                found.append(_PositionGrid(name, 'GCVIT', stride_of[window],
+                                           window))
         elif isinstance(module, (RelPosBias, RelPosBiasTf)) and not getattr(
-                module, 'prefix_tokens', 0) and name.endswith('.rel_pos'):
+                module, 'prefix_tokens', 0) and name.endswith('.rel_pos') and (
+                    name.rpartition('.')[0] not in gcvit):
             window = tuple(module.window_size)
             if window in stride_of and window[0] == window[1]:
                 found.append(_PositionGrid(name.rpartition('.')[0], 'RPB',
@@ -879,6 +889,19 @@ def _offset_values(attn: nn.Module, native: Tuple[int, int],
     return values
 
 
+def _gcvit_values(block: nn.Module, native: Tuple[int, int],
+                  grid: Sequence[int]) -> Dict[str, object]:
+    """A GCViT block's windows for an input whose grid at the window's
+    stride is ``grid``: windows that grow with the input, as timm makes
+    them for that size (``window_ratio``), so that the stage's global query
+    (its map after a fixed number of halvings) still has a window's size;
+    the window attention's relative position bias made for them."""
+    grid = tuple(grid)
+    return {'window_size': grid, 'attn.window_size': grid,
+            **{f'attn.{k}': v for k, v in _rpb_values(
+                block.attn, native, grid).items()}}
+
+
 #: Attentions whose position state is made for a token grid, by the layout
 #: of their _PositionGrid: the values for a grid (see _grid_values).
 GRID_MODULES: Dict[str, Callable[..., Dict[str, object]]] = {
@@ -887,6 +910,7 @@ GRID_MODULES: Dict[str, Callable[..., Dict[str, object]]] = {
     'MLP': _mlp_values,
     'RPB': _rpb_values,
     'OFFSET': _offset_values,
+    'GCVIT': _gcvit_values,
 }
 
 
@@ -1310,8 +1334,6 @@ class VBTimmBackbone(VBBackbone):
         its pretraining size; at a larger, non-square one that is a
         multiple of every divisor it states (``probe``); and at an odd one.
 
-        * Maps that are not ``size / stride`` at ``probe`` (unpadded
-          convolutions, Inception): ``ValueError``.
         * A size error at the odd size only: the smallest patch size
           (2..28) whose multiples run becomes :attr:`input_pad` (the input
           is padded to it and outputs cropped, as for Swin); if none does,
@@ -1323,9 +1345,14 @@ class VBTimmBackbone(VBBackbone):
           (:func:`_position_grids`: CaiT's, VOLO's, Visformer's
           embeddings, BEiT's tables, ...) is made for each input's grid
           instead (:attr:`position_grids`, with the input padded to their
-          largest stride); if that does not run either, the model takes one size only (fixed attention biases,
-          and no timm option for others): ``ValueError`` naming it,
-          instead of timm's error at the first forward.
+          largest stride); if that does not run either, the model takes
+          one size only (token-mixing layers, block grids, and no timm
+          option for others): ``ValueError`` naming it, instead of timm's
+          error at the first forward.
+        * Maps smaller than ``size / stride`` at ``probe`` (convolutions
+          that do not pad, Inception): SAME padding
+          (:attr:`same_padding`, :func:`_pad_same`) if it gives such maps
+          at ``probe`` and at an odd size; otherwise ``ValueError``.
 
         Models that meta cannot run (or that were built for real) are left
         to the forward's check. A user who passes
