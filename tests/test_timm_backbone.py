@@ -106,6 +106,20 @@ def body_state(model):
             if k.startswith('body.')}
 
 
+def diffs_to_timm(model, ref, x, state=None, pad=(0, 0)):
+    """The backbone's outputs on ``x`` and, per output, the max abs
+    difference from ``ref`` (timm's extractor, loaded with ``state`` or the
+    backbone's own extractor weights) run on ``x`` padded by ``pad``
+    (bottom, right), whose outputs are then cropped to the backbone's."""
+    ref.load_state_dict(body_state(model) if state is None else state)
+    with torch.no_grad():
+        outs = model(x)
+        refs = ref(torch.nn.functional.pad(x, (0, pad[1], 0, pad[0])))
+    if pad != (0, 0):
+        refs = [b[..., :a.shape[2], :a.shape[3]] for a, b in zip(outs, refs)]
+    return outs, [max_abs_diff(a, b) for a, b in zip(outs, refs)]
+
+
 def frozen_param_names(model):
     names = model.frozen_module_names()
     out = set()
@@ -702,13 +716,10 @@ def test_convolutions_that_do_not_pad_get_same_padding(name, padded):
         module = ref.get_submodule(key)
         assert tuple(to_2tuple(feats.get_submodule(key).padding)) == (0, 0)
         module.padding = tuple(k // 2 for k in to_2tuple(module.kernel_size))
-    ref.load_state_dict(body_state(model))
-    x = torch.rand(1, 3, 225, 301)
-    with torch.no_grad():
-        outs, refs = model(x), ref(x)
+    outs, diffs = diffs_to_timm(model, ref, torch.rand(1, 3, 225, 301))
     assert [tuple(o.shape[-2:]) for o in outs] == [
         (-(-225 // s), -(-301 // s)) for s in (4, 8, 16, 32)]
-    diff = max(max_abs_diff(a, b) for a, b in zip(outs, refs))
+    diff = max(diffs)
     print(f'{name} (SAME padding) at 225x301: max abs diff {diff:.3g}')
     assert diff <= 1e-5
 
@@ -729,10 +740,7 @@ def test_a_model_whose_metadata_names_no_module_maps_its_stages():
                                        'body.model.blocks.0.'))}
     ref = timm.create_model('mobilenetv5_base', features_only=True,
                             out_indices=(1, 2, 3, 4)).eval()
-    ref.load_state_dict(body_state(model))
-    x = torch.rand(1, 3, 160, 224)
-    with torch.no_grad():
-        diffs = [max_abs_diff(a, b) for a, b in zip(model(x), ref(x))]
+    _, diffs = diffs_to_timm(model, ref, torch.rand(1, 3, 160, 224))
     assert len(diffs) == 4 and max(diffs) == 0
 
 
@@ -850,14 +858,11 @@ def test_stage_parts_kept_in_parallel_lists_join_their_stage():
                               for k in (0, 1)))}
     ref = timm.create_model('twins_svt_small', features_only=True,
                             **kwargs).eval()
-    ref.load_state_dict(body_state(model))
-    x = torch.rand(1, 3, 225, 301)
-    with torch.no_grad():
-        outs, refs = model(x), ref(x)
+    outs, diffs = diffs_to_timm(model, ref, torch.rand(1, 3, 225, 301))
     assert model.out_strides == (4, 8, 16, 32)
     assert [tuple(o.shape[-2:]) for o in outs] == [
         (225 // s, 301 // s) for s in model.out_strides]
-    assert max(max_abs_diff(a, b) for a, b in zip(outs, refs)) == 0
+    assert max(diffs) == 0
 
 
 def test_a_model_whose_maps_end_at_stride_16_gets_the_simple_pyramid():
@@ -990,15 +995,11 @@ def test_attention_bias_tables_follow_the_input(name, layout):
         state[key] = grid.T if rel else grid
         resized.append(key)
     assert resized
-    ref.load_state_dict(state)
     x = torch.rand(1, 3, 225, 301)
-    with torch.no_grad():
-        outs = model(x)
-        refs = ref(torch.nn.functional.pad(x, (0, 19, 0, 31)))
+    outs, diffs = diffs_to_timm(model, ref, x, state, pad=(31, 19))
     assert [tuple(o.shape[-2:]) for o in outs] == [
         (-(-225 // s), -(-301 // s)) for s in model.out_strides]
-    diff = max(max_abs_diff(a, b[..., :a.shape[2], :a.shape[3]])
-               for a, b in zip(outs, refs))
+    diff = max(diffs)
     print(f'{name} at 225x301: max abs diff {diff:.3g}')
     assert diff <= 1e-5
     model.train()
@@ -1028,15 +1029,11 @@ def test_hiera_token_order_follows_the_input():
     state['model.pos_embed'] = torch.nn.functional.interpolate(
         pos, size=(64, 80), mode='bicubic', antialias=True,
         align_corners=False).flatten(2).transpose(1, 2)
-    ref.load_state_dict(state)
-    x = torch.rand(1, 3, 225, 301)
-    with torch.no_grad():
-        outs = model(x)
-        refs = ref(torch.nn.functional.pad(x, (0, 19, 0, 31)))
+    outs, diffs = diffs_to_timm(model, ref, torch.rand(1, 3, 225, 301),
+                                state, pad=(31, 19))
     assert [tuple(o.shape[-2:]) for o in outs] == [
         (-(-225 // s), -(-301 // s)) for s in (4, 8, 16, 32)]
-    diff = max(max_abs_diff(a, b[..., :a.shape[2], :a.shape[3]])
-               for a, b in zip(outs, refs))
+    diff = max(diffs)
     print(f'hiera at 225x301: max abs diff {diff:.3g}')
     assert diff <= 1e-5
     # The model's own state is untouched after the forward.
@@ -1061,10 +1058,7 @@ def test_a_level_named_by_no_module_stays_in_the_stem():
     assert (model.out_strides, model.input_pad) == ((4, 8, 16, 32), 4)
     ref = timm.create_model('tresnet_m', features_only=True,
                             out_indices=(1, 2, 3, 4)).eval()
-    ref.load_state_dict(body_state(model))
-    x = torch.rand(1, 3, 256, 320)
-    with torch.no_grad():
-        diffs = [max_abs_diff(a, b) for a, b in zip(model(x), ref(x))]
+    _, diffs = diffs_to_timm(model, ref, torch.rand(1, 3, 256, 320))
     assert len(diffs) == 4 and max(diffs) == 0
 
 

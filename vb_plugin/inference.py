@@ -20,6 +20,7 @@ before it is returned (see ``check``).
 import copy
 import statistics
 import warnings
+from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -180,24 +181,25 @@ def _bn_remainder(bn: nn.Module) -> nn.Module:
 
 
 class _OtherUses(TorchFunctionMode):
-    """Counts the torch calls outside every batch norm's forward that take
-    one of ``watched`` (tensor ids) as an input and give a tensor (shape
-    reads do not count): a conv output that a shortcut or an in-place
-    activation also reads cannot take the norm's folding."""
+    """Collects in ``read`` the names (``watched``: tensor id -> name) of
+    the tensors that a torch call outside every batch norm's forward takes
+    as an input and that gives a tensor (shape reads do not count): a conv
+    output that a shortcut or an in-place activation also reads cannot
+    take the norm's folding."""
 
     def __init__(self, watched: Dict[int, str]) -> None:
         super().__init__()
         self.watched = watched
-        self.uses: Dict[int, int] = {}
+        self.read: set = set()  # names of the watched tensors' producers
         self.in_norm = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not self.in_norm and isinstance(out, torch.Tensor):
-            for leaf in tree_leaves((args, kwargs)):
-                if isinstance(leaf, torch.Tensor) and id(
-                        leaf) in self.watched:
-                    self.uses[id(leaf)] = self.uses.get(id(leaf), 0) + 1
+            self.read.update(self.watched[id(leaf)]
+                             for leaf in tree_leaves((args, kwargs))
+                             if isinstance(leaf, torch.Tensor)
+                             and id(leaf) in self.watched)
         return out
 
 
@@ -257,13 +259,11 @@ def find_conv_bn_pairs(model: nn.Module,
             if args and isinstance(args[0], torch.Tensor) and id(
                     args[0]) in outputs:
                 pairs.append((outputs[id(args[0])], name))
-                readers[id(args[0])] = readers.get(id(args[0]), 0) + 1
         return hook
 
     def bn_exit(module, args, output):
         other.in_norm -= 1
 
-    readers: Dict[int, int] = {}
     try:
         for name, m in convs.items():
             handles.append(m.register_forward_hook(conv_hook(name)))
@@ -275,10 +275,11 @@ def find_conv_bn_pairs(model: nn.Module,
     finally:
         for h in handles:
             h.remove()
-    ids = {name: i for i, name in outputs.items()}
+    # NOTE: a conv output that two norms read is folded into neither.
+    readers = Counter(c for c, _ in pairs)
     return [(c, b) for c, b in pairs
-            if calls[c] == 1 and calls[b] == 1 and readers[ids[c]] == 1
-            and not other.uses.get(ids[c])]
+            if calls[c] == 1 and calls[b] == 1 and readers[c] == 1
+            and c not in other.read]
 
 
 def fold_batch_norms(model: nn.Module,

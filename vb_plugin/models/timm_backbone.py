@@ -43,7 +43,6 @@ from timm.models import model_entrypoint, split_model_name_tag
 from timm.models._features import (FeatureDictNet, FeatureGetterNet,
                                    FeatureHookNet)
 from timm.models.beit import Attention as BeitAttention
-from timm.models.beit import gen_relative_position_index
 from timm.models.convit import GPSA
 from timm.models.efficientformer import Attention as EfficientFormerAttn
 from timm.models.efficientformer_v2 import Attention2d as EfficientV2Attn
@@ -722,11 +721,13 @@ def _unroll_values(hiera: nn.Module, name: str,
         ('mask_spatial_shape', list(grid)))}
 
 
-@lru_cache(maxsize=2)
-def _beit_index(grid: Tuple[int, int]) -> torch.Tensor:
-    """timm's BEiT relative position index for a token grid (the same for
-    every block; (h * w + 1)^2 entries, so made once per grid)."""
-    return gen_relative_position_index(grid, device='cpu')
+@lru_cache(maxsize=4)
+def _rel_index(grid: Tuple[int, int],
+               class_token: bool = False) -> torch.Tensor:
+    """timm's relative position index for a token grid (``class_token``:
+    BEiT's, with one class token), made once per grid: it is the same for
+    every block, and large ((h * w + 1)^2 entries)."""
+    return rel_pos_index(grid, class_token=class_token, device='cpu')
 
 
 def _window_values(attn: nn.Module, native: Tuple[int, int],
@@ -743,7 +744,7 @@ def _window_values(attn: nn.Module, native: Tuple[int, int],
             table, new_window_size=grid,
             new_bias_shape=((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3,
                             table.shape[1])),
-        'relative_position_index': _beit_index(grid).to(table.device),
+        'relative_position_index': _rel_index(grid, True).to(table.device),
         'window_size': grid,
     }
 
@@ -779,15 +780,9 @@ def _mlp_values(attn: nn.Module, native: Tuple[int, int],
             device=coords.device, dtype=coords.dtype),
     }
     if rel_pos.relative_position_index is not None:
-        values['relative_position_index'] = rel_pos_index(
-            grid, device=coords.device).view(-1)
+        values['relative_position_index'] = _rel_index(grid).view(-1).to(
+            coords.device)
     return {f'rel_pos.{k}': v for k, v in values.items()}
-
-
-@lru_cache(maxsize=4)
-def _rpb_index(grid: Tuple[int, int]) -> torch.Tensor:
-    """timm's relative position index (no class token) for a grid."""
-    return rel_pos_index(grid, device='cpu').view(-1)
 
 
 #: Modules whose attention biases are a table over token offsets (LeViT's,
@@ -848,7 +843,7 @@ def _rpb_values(attn: nn.Module, native: Tuple[int, int],
         heads = table.shape[-1]
         shape = (vocab[0] * vocab[1], heads)
         values.update(bias_shape=(area, area, heads),
-                      relative_position_index=_rpb_index(grid).to(
+                      relative_position_index=_rel_index(grid).view(-1).to(
                           table.device))
     values['relative_position_bias_table'] = (
         resize_rel_pos_bias_table_simple(table, new_window_size=grid,
