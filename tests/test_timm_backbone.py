@@ -1009,6 +1009,28 @@ def test_attention_bias_tables_follow_the_input(name, layout):
     assert table.grad is not None and table.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize('name,kwargs', [
+    ('beit_base_patch16_224', dict(depth=4, embed_dim=32, num_heads=2)),
+    ('levit_128s', dict(embed_dim=(32, 48, 64), key_dim=16,
+                        depth=(1, 1, 1), num_heads=(2, 3, 4))),
+])
+def test_position_state_made_in_inference_mode_trains(name, kwargs):
+    """The relative position indices made for a grid are cached across
+    forwards. One made first under torch.inference_mode (an evaluation
+    before training, as mmdet's val loop runs it) must still serve a
+    training forward at that grid: before, the backward failed with
+    "Inference tensors cannot be saved for backward"."""
+    model = VBTimmBackbone(name, model_kwargs=kwargs)
+    x = torch.rand(1, 3, 100, 131)
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()
+    sum(o.sum() for o in model(x)).backward()
+    assert all(p.grad is not None for n, p in model.named_parameters()
+               if n.endswith(('relative_position_bias_table',
+                              'attention_biases')))
+
+
 def test_hiera_token_order_follows_the_input():
     """Hiera unrolls its tokens into 8x8 mask units by a schedule made for
     its 7x7 grid of units, and adds a position embedding for the 56x56

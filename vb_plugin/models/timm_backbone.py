@@ -726,8 +726,11 @@ def _rel_index(grid: Tuple[int, int],
                class_token: bool = False) -> torch.Tensor:
     """timm's relative position index for a token grid (``class_token``:
     BEiT's, with one class token), made once per grid: it is the same for
-    every block, and large ((h * w + 1)^2 entries)."""
-    return rel_pos_index(grid, class_token=class_token, device='cpu')
+    every block, and large ((h * w + 1)^2 entries). Made outside inference
+    mode, so that a training forward after an inference one can save it
+    for the backward."""
+    with torch.inference_mode(False):
+        return rel_pos_index(grid, class_token=class_token, device='cpu')
 
 
 def _window_values(attn: nn.Module, native: Tuple[int, int],
@@ -808,13 +811,16 @@ def _offset_index(grid: Tuple[int, int], stride: int) -> torch.Tensor:
     """LeViT's (and EfficientFormer's) bias index for a grid: the bias of a
     query and a key token is the table's entry at their absolute offset
     ``(|dy|, |dx|)``; queries are every ``stride``-th token (LeViT's
-    subsampling attention), as timm makes them."""
-    keys = torch.stack(ndgrid(torch.arange(grid[0]),
-                              torch.arange(grid[1]))).flatten(1)
-    queries = torch.stack(ndgrid(torch.arange(0, grid[0], stride),
-                                 torch.arange(0, grid[1], stride))).flatten(1)
-    rel = (queries[..., :, None] - keys[..., None, :]).abs()
-    return rel[0] * grid[1] + rel[1]
+    subsampling attention), as timm makes them. Made outside inference
+    mode, as :func:`_rel_index`."""
+    with torch.inference_mode(False):
+        keys = torch.stack(ndgrid(torch.arange(grid[0]),
+                                  torch.arange(grid[1]))).flatten(1)
+        queries = torch.stack(ndgrid(
+            torch.arange(0, grid[0], stride),
+            torch.arange(0, grid[1], stride))).flatten(1)
+        rel = (queries[..., :, None] - keys[..., None, :]).abs()
+        return rel[0] * grid[1] + rel[1]
 
 
 def _rpb_values(attn: nn.Module, native: Tuple[int, int],
