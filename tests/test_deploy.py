@@ -18,8 +18,9 @@ import torch
 from mmengine.config import Config
 
 from backbone_cases import build, case_id, iter_cases
-from vb_plugin import VBResNet, VBTimmBackbone, export_onnx, \
+from vb_plugin import VBConvNeXt, VBResNet, VBTimmBackbone, export_onnx, \
     optimize_for_inference
+from vb_plugin.models.convnext import ConvNeXtBlock
 from vb_plugin.deploy import (BackboneWithNeck, EngineModel, ExportError,
                               calibration_inputs, deploy_detector,
                               engine_model, engine_tolerance, output_names)
@@ -76,6 +77,27 @@ def test_export_leaves_the_model_as_it_was():
     assert type(model.bn1).__name__ == 'BatchNorm2d'
     assert all(torch.equal(v, before[k])
                for k, v in model.state_dict().items())
+
+
+def test_convnext_exports_its_mlp_as_convs_and_keeps_the_model():
+    """VBConvNeXt's block MLPs go to ONNX as 1x1 Convs (faster on ONNX
+    Runtime than MatMuls between transposes); the model passed keeps its
+    Linear form, and the file still matches it."""
+    model = VBConvNeXt(arch=dict(depths=[1, 1, 2, 1],
+                                 channels=[8, 16, 32, 64])).eval()
+    exp = export_onnx(model)
+    ops = [n.op_type for n in onnx.load_from_string(exp.model).graph.node]
+    assert 'MatMul' not in ops and 'Gemm' not in ops
+    # stem, 3 downsamples, 5 depthwise and 2 x 5 MLP convs
+    assert ops.count('Conv') == 1 + 3 + 5 + 2 * 5
+    assert not any(b.conv_mlp for b in model.modules()
+                   if isinstance(b, ConvNeXtBlock))
+    x = torch.rand(1, 3, 97, 131)
+    outs = ort.InferenceSession(exp.model).run(None, {'input': x.numpy()})
+    with torch.no_grad():
+        ref = model(x)
+    assert max_abs_difference(ref, [torch.from_numpy(o) for o in outs]) \
+        <= tolerance_for(torch.float32, ref)
 
 
 def test_export_without_dynamic_axes_has_a_fixed_input():
