@@ -293,12 +293,25 @@ def quantize_int8(onnx_model: bytes, calibration: Sequence[torch.Tensor],
                          f'{methods}')
 
     class Reader(CalibrationDataReader):
+        """The batches, one per ``collect_data`` call of the calibrator
+        (ONNX Runtime's strided calibration, ``CalibStridedMinMax=1``, which
+        applies to every method). Given all batches in one call, the
+        calibrator keeps every intermediate tensor of all of them before it
+        reduces them (histograms for 'Percentile'): ResNet-50 + FPN at
+        800x1216 ran out of 23 GB with 8 batches."""
 
         def __init__(self):
-            self.batches = iter(calibration)
+            self.batches = list(calibration)
+            self.set_range(0, len(self.batches))
+
+        def __len__(self):
+            return len(self.batches)
+
+        def set_range(self, start_index, end_index):
+            self.queue = iter(self.batches[start_index:end_index])
 
         def get_next(self):
-            x = next(self.batches, None)
+            x = next(self.queue, None)
             return None if x is None else {input_name: x.numpy()}
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -313,7 +326,8 @@ def quantize_int8(onnx_model: bytes, calibration: Sequence[torch.Tensor],
                         quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, per_channel=True,
-                        calibrate_method=CalibrationMethod[method])
+                        calibrate_method=CalibrationMethod[method],
+                        extra_options={'CalibStridedMinMax': 1})
         return dst.read_bytes()
 
 
