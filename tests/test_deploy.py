@@ -275,6 +275,25 @@ def test_inference_detector_with_the_backbone_on_an_engine(
     assert out.masks.shape == ref.masks.shape
 
 
+def test_inference_detector_with_the_torch_fast_path(toy_root):
+    """The documented ``detector.backbone =
+    optimize_for_inference(detector.backbone)``: the same detections as the
+    eager detector (its channels_last outputs once gave mmcv's RoIAlign
+    features it read as NCHW, and other boxes and scores)."""
+    from mmdet.apis import inference_detector
+    image = str(sorted((toy_root / 'data/toy_coco/val').iterdir())[0])
+    model = toy_detector()
+    ref = inference_detector(model, image).pred_instances
+    fast = copy.deepcopy(model)
+    fast.backbone = optimize_for_inference(fast.backbone)
+    out = inference_detector(fast, image).pred_instances
+    assert len(ref.bboxes) > 0
+    assert torch.equal(out.labels, ref.labels)
+    assert (out.bboxes - ref.bboxes).abs().max() <= 1e-3
+    assert (out.scores - ref.scores).abs().max() <= 1e-3
+    assert out.masks.shape == ref.masks.shape
+
+
 def test_int8_calibrated_on_toy_images_in_a_detector(toy_root,
                                                      monkeypatch):
     """Calibration inputs come from the config's own val set through the

@@ -46,6 +46,8 @@ def test_fp32_form_equals_eager(name, case):
         out = fast(x)
     assert isinstance(fast, InferenceModel) and not fast.training
     assert max_abs_diff(ref, out) <= FP32_TOLERANCE * _scale(ref)
+    # NCHW-contiguous, as the eager model's (mmcv's RoIAlign needs it)
+    assert all(o.is_contiguous() for o in out)
     # Every BN that is fed by a conv is gone from the optimised module.
     n_bn = sum(is_batch_norm(m) for m in model.modules())
     left = sum(is_batch_norm(m) for m in fast.modules())
@@ -104,7 +106,7 @@ def test_bf16_form_within_documented_tolerance(name, case):
     with torch.inference_mode():
         ref = model(x)
         out = optimize_for_inference(model, dtype='bf16')(x)
-    assert all(o.dtype == torch.float32 for o in out)
+    assert all(o.dtype == torch.float32 and o.is_contiguous() for o in out)
     assert max_abs_diff(ref, out) <= tolerance_for(torch.bfloat16, ref)
 
 

@@ -369,19 +369,30 @@ def tolerance_for(dtype: torch.dtype, reference) -> float:
     return BF16_RELATIVE_TOLERANCE * scale
 
 
-def _cast_outputs(out, dtype: torch.dtype):
+def _as_eager_outputs(out, dtype: Optional[torch.dtype]):
+    """Outputs as the eager model gives them: floating tensors in ``dtype``
+    (None: unchanged), every tensor in the default memory format.
+
+    ``channels_last`` outputs are not a drop-in: mmcv's CPU RoIAlign reads
+    its features as NCHW-contiguous memory, and a Mask R-CNN fed
+    ``channels_last`` FPN maps gave other boxes and scores.
+    """
     if isinstance(out, torch.Tensor):
-        return out.to(dtype) if out.is_floating_point() else out
+        if out.is_floating_point() and dtype is not None:
+            return out.to(dtype=dtype, memory_format=torch.contiguous_format)
+        return out.contiguous()
     if isinstance(out, (tuple, list)):
-        return type(out)(_cast_outputs(o, dtype) for o in out)
+        return type(out)(_as_eager_outputs(o, dtype) for o in out)
     if isinstance(out, dict):
-        return {k: _cast_outputs(v, dtype) for k, v in out.items()}
+        return {k: _as_eager_outputs(v, dtype) for k, v in out.items()}
     return out
 
 
 class InferenceModel(nn.Module):
     """An inference form of a model: it converts its input to the model's
-    memory format and dtype and its outputs back to the input's dtype.
+    memory format and dtype, and its outputs back to the input's dtype and
+    the default (NCHW-contiguous) memory format, as the eager model gives
+    them.
 
     Metadata of the wrapped backbone (``out_channels``, ``out_strides``,
     ``out_indices``) is available on the wrapper, so necks can read it.
@@ -429,9 +440,8 @@ class InferenceModel(nn.Module):
             x = x.to(self.dtype)
         run = self.compiled if self.compiled is not None else self.module
         out = run(x, *args, **kwargs)
-        if in_dtype != self.dtype and in_dtype.is_floating_point:
-            out = _cast_outputs(out, in_dtype)
-        return out
+        return _as_eager_outputs(
+            out, in_dtype if in_dtype.is_floating_point else None)
 
 
 def _default_example(model: nn.Module,
