@@ -252,6 +252,16 @@ def toy_detector():
     return model
 
 
+def assert_same_detections(out, ref):
+    """fp32 forms in a detector: the eager detector's labels, boxes and
+    scores within 1e-3, masks of the same shape."""
+    assert len(ref.bboxes) > 0
+    assert torch.equal(out.labels, ref.labels)
+    assert (out.bboxes - ref.bboxes).abs().max() <= 1e-3
+    assert (out.scores - ref.scores).abs().max() <= 1e-3
+    assert out.masks.shape == ref.masks.shape
+
+
 @pytest.mark.parametrize('part', ['backbone', 'backbone+neck'])
 @pytest.mark.parametrize('backend', ['onnxruntime', 'openvino'])
 def test_inference_detector_with_the_backbone_on_an_engine(
@@ -268,11 +278,7 @@ def test_inference_detector_with_the_backbone_on_an_engine(
         assert deployed.backbone.export.output_names == [
             'stride4', 'stride8', 'stride16', 'stride32', 'stride64']
     out = inference_detector(deployed, image).pred_instances
-    assert len(ref.bboxes) > 0
-    assert torch.equal(out.labels, ref.labels)
-    assert (out.bboxes - ref.bboxes).abs().max() <= 1e-3
-    assert (out.scores - ref.scores).abs().max() <= 1e-3
-    assert out.masks.shape == ref.masks.shape
+    assert_same_detections(out, ref)
 
 
 def test_inference_detector_with_the_torch_fast_path(toy_root):
@@ -287,11 +293,7 @@ def test_inference_detector_with_the_torch_fast_path(toy_root):
     fast = copy.deepcopy(model)
     fast.backbone = optimize_for_inference(fast.backbone)
     out = inference_detector(fast, image).pred_instances
-    assert len(ref.bboxes) > 0
-    assert torch.equal(out.labels, ref.labels)
-    assert (out.bboxes - ref.bboxes).abs().max() <= 1e-3
-    assert (out.scores - ref.scores).abs().max() <= 1e-3
-    assert out.masks.shape == ref.masks.shape
+    assert_same_detections(out, ref)
 
 
 def test_int8_calibrated_on_toy_images_in_a_detector(toy_root,

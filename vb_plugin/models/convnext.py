@@ -402,9 +402,7 @@ class VBConvNeXt(VBBackbone):
             ...     for a, b in zip(ref, fast)) < 1e-5
             True
         """
-        for block in self.modules():
-            if isinstance(block, ConvNeXtBlock):
-                block.conv_mlp = enable or not block.ln_channels_last
+        self._use_conv_mlp(enable)
         self.fast_inference = bool(enable)
         return self.to(memory_format=torch.channels_last
                        if enable else torch.contiguous_format)
@@ -425,9 +423,13 @@ class VBConvNeXt(VBBackbone):
             ...     if isinstance(m, ConvNeXtBlock))
             True
         """
+        self._use_conv_mlp(True)
+
+    def _use_conv_mlp(self, enable: bool) -> None:
+        # NOTE: blocks whose LayerNorm runs on NCHW have only the conv form.
         for block in self.modules():
             if isinstance(block, ConvNeXtBlock):
-                block.conv_mlp = True
+                block.conv_mlp = enable or not block.ln_channels_last
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast_inference:
