@@ -21,7 +21,7 @@ import vb_plugin
 from vb_plugin import CheckpointError, VBTimmBackbone
 from vb_plugin.layers import (FrozenBatchNorm2d, FrozenBatchNormAct2d,
                               is_batch_norm)
-from vb_plugin.models.timm_backbone import plan_stages
+from vb_plugin.models.timm import plan_stages
 from vb_plugin.weights.timm import load_timm_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@ from .base import VBBackbone, check_frozen_stages, resolve_out_indices
 from .convnext import CONVNEXT_ARCHS, VBConvNeXt
 from .regnet import REGNET_ARCHS, VBRegNet
 from .resnet import RESNET_ARCHS, DCNInputSizeError, VBResNet
-from .timm_backbone import VBTimmBackbone
+from .timm import VBTimmBackbone
 
 __all__ = [
     'VBBackbone', 'VBConvNeXt', 'CONVNEXT_ARCHS', 'VBResNet', 'RESNET_ARCHS',

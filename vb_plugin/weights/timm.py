@@ -14,13 +14,58 @@ every family uses.
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from timm.models._features import (FeatureDictNet, FeatureGetterNet,
+                                   FeatureHookNet, _module_list)
 from torch import nn
 
 from .io import CheckpointError, PathLike
 from .loader import LoadReport, load_pretrained
+from .rules import WeightSource
 
 SOURCES = ('auto', 'timm', 'vb-timm')
 _OWN = ('body.', 'out_norms.')
+
+#: A VBTimmBackbone's own state dict (keys under ``body.``).
+VB_TIMM_SOURCE = WeightSource(
+    name='vb-timm',
+    description='a VBTimmBackbone state dict (keys under body.)',
+    detect=r'^body\.')
+
+
+def timm_key_map(model: nn.Module,
+                 keys: Optional[Sequence[str]] = None) -> Dict[str, str]:
+    """Map a VBTimmBackbone's state-dict keys (or ``keys``, names under
+    ``body.``) to the full timm model's: a ViT-style extractor holds the
+    model as ``model``; FeatureDictNet and FeatureHookNet flatten the
+    model's module names ('layer1_0' for 'layer1.0', timm's own
+    ``_module_list`` rule).
+
+    Example:
+        >>> from vb_plugin import VBTimmBackbone
+        >>> m = VBTimmBackbone('convnext_atto', out_indices=(0, ))
+        >>> timm_key_map(m)['body.stages_0.blocks.0.gamma']
+        'stages.0.blocks.0.gamma'
+    """
+    body = model.body
+    renames: Dict[str, str] = {}
+    if isinstance(body, (FeatureDictNet, FeatureHookNet)):
+        full = model.create_timm_model_on_meta()
+        for flat in (True, False):
+            for new, old, _ in _module_list(full, flat):
+                renames.setdefault(new, old)
+    out = {}
+    for key in model.state_dict() if keys is None else keys:
+        if not key.startswith('body.'):
+            continue
+        rest = key[len('body.'):]
+        if isinstance(body, FeatureGetterNet):
+            out[key] = rest[len('model.'):]
+        elif renames:
+            head, _, tail = rest.partition('.')
+            out[key] = f'{renames.get(head, head)}.{tail}'
+        else:
+            out[key] = rest
+    return out
 
 
 def _classifier_classes(state: Dict[str, torch.Tensor],
