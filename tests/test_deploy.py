@@ -23,8 +23,8 @@ from vb_plugin import VBConvNeXt, VBResNet, VBTimmBackbone, export_onnx, \
 from vb_plugin.models.convnext import ConvNeXtBlock
 from vb_plugin.deploy import (BackboneWithNeck, EngineModel, ExportError,
                               calibration_inputs, deploy_detector,
-                              engine_model, engine_tolerance, output_names)
-from vb_plugin.inference import max_abs_difference, tolerance_for
+                              engine_model, output_names)
+from vb_plugin.outputs import max_abs_difference, tolerance_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = list(iter_cases())
@@ -172,8 +172,8 @@ def test_engine_forms_keep_the_contract(name, case, backend, dtype):
         ref = model(x)
     assert [o.shape for o in outs] == [r.shape for r in ref]
     assert all(o.dtype == torch.float32 for o in outs)
-    assert max_abs_difference(ref, outs) <= engine_tolerance(dtype, ref)
-    assert fast.max_abs_diff <= engine_tolerance(dtype, ref)
+    assert max_abs_difference(ref, outs) <= tolerance_for(dtype, ref)
+    assert fast.max_abs_diff <= tolerance_for(dtype, ref)
 
 
 def test_engine_outputs_come_back_in_the_input_dtype():
@@ -300,7 +300,7 @@ def test_int8_calibrated_on_toy_images_in_a_detector(toy_root,
                                                      monkeypatch):
     """Calibration inputs come from the config's own val set through the
     detector's data preprocessor; the int8 backbone + neck passes its
-    construction check (engine_tolerance) on one of them and predicts."""
+    construction check (tolerance_for) on one of them and predicts."""
     from mmdet.apis import inference_detector
     monkeypatch.chdir(toy_root)
     cfg = Config.fromfile(TOY)
@@ -376,7 +376,7 @@ def test_tools_deploy_eval_compares_forms_on_the_test_set(
 
 
 def test_evaluate_forms_refuses_unknown_forms():
-    from vb_plugin.deploy.evaluate import evaluate_forms
+    from vb_plugin.benchmark.evaluate import evaluate_forms
     with pytest.raises(ValueError, match=r"^form='tensorrt' is not valid; "
                        r"choose from \['optimized'"):
         evaluate_forms(Config.fromfile(TOY), forms=['tensorrt'])
@@ -423,7 +423,7 @@ def test_auto_backend_returns_the_fastest_form_and_says_which(dtype,
     assert not fast.training
     with torch.no_grad():
         ref = model(x)
-    tol = engine_tolerance(dtype, ref) if hasattr(fast, 'backend') else \
+    tol = tolerance_for(dtype, ref) if hasattr(fast, 'backend') else \
         tolerance_for(torch.bfloat16 if dtype == 'bf16' else torch.float32,
                       ref)
     assert max_abs_difference(ref, fast(x)) <= tol

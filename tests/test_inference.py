@@ -1,6 +1,6 @@
 """optimize_for_inference: every form equals fp32 eager, on every family.
 
-Tolerances (vb_plugin.inference): fp32 forms 1e-4 absolute on outputs of
+Tolerances (vb_plugin.outputs): fp32 forms 1e-4 absolute on outputs of
 magnitude <= 1 (scaled by the largest |output| beyond that); bf16 forms 5%
 of the largest |output|, since bf16 keeps 8 significand bits and the
 rounding adds up over tens of layers.
@@ -12,10 +12,10 @@ from conftest import max_abs_diff, randomize_bn
 from torch import nn
 
 import vb_plugin
-from vb_plugin.inference import (FP32_TOLERANCE, InferenceModel,
-                                 fold_batch_norms, optimize_for_inference,
-                                 tolerance_for)
+from vb_plugin.folding import fold_batch_norms
+from vb_plugin.inference import InferenceModel, optimize_for_inference
 from vb_plugin.layers import is_batch_norm
+from vb_plugin.outputs import FP32_TOLERANCE, tolerance_for
 
 CASES = [
     pytest.param(name, case, id=f'{name}[{case_id(case)}]')

@@ -6,7 +6,7 @@ ONNX Runtime, OpenVINO, bf16, int8), side by side.
         [--part backbone|backbone+neck] [--calibration-images 100]
         [--work-dir DIR] [--cfg-options k=v ...]
 
-A thin wrapper over :func:`vb_plugin.deploy.evaluate.evaluate_forms`; see
+A thin wrapper over :func:`vb_plugin.benchmark.evaluate.evaluate_forms`; see
 docs/deploy.md.
 """
 import argparse
@@ -34,7 +34,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from vb_plugin.apis import load_config
-    from vb_plugin.deploy.evaluate import evaluate_forms
+    from vb_plugin.benchmark.evaluate import evaluate_forms
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options)
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or os.path.join(

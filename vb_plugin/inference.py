@@ -20,32 +20,17 @@ before it is returned (see ``check``).
 import copy
 import statistics
 import warnings
-from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from mmcv.cnn.bricks.wrappers import Conv2d as MMCVConv2d
-from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
-from .layers import FrozenBatchNorm2d, FrozenBatchNormAct2d
-
-#: Max abs difference to the fp32 eager outputs accepted for fp32 forms, for
-#: outputs of magnitude <= 1; larger outputs scale it by their largest |value|
-#: (fp32 rounding is relative: folding reorders the arithmetic).
-FP32_TOLERANCE = 1e-4
-#: bf16 forms: max abs difference relative to the largest |output| of the
-#: fp32 eager module. bf16 keeps 8 significand bits (a relative rounding of
-#: 2**-9 ~ 0.2% per op); over tens of layers the errors add up to ~1-3% of
-#: the output scale on the tested models, so 5% is the documented bound.
-BF16_RELATIVE_TOLERANCE = 5e-2
-
-_DTYPES = {'fp32': torch.float32, 'float32': torch.float32,
-           'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16}
-
+from .deploy import BACKENDS, engine_model
+from .folding import fold_batch_norms
+from .outputs import (DTYPE_ALIASES, DTYPES, default_example, dtype_name,
+                      max_abs_difference,
+                      tolerance_for)
+from .timing import time_interleaved
 
 #: Named forms of :func:`optimize_for_inference`: name -> its keyword
 #: arguments (used by tools/benchmark.py --forms and tools/deploy_eval.py).
@@ -81,13 +66,6 @@ AUTO_BACKENDS = {'fp32': ('torch', 'onnxruntime', 'openvino'),
                  'int8': ('onnxruntime', 'openvino')}
 
 
-def _dtype_name(dtype) -> str:
-    for name, value in _DTYPES.items():
-        if dtype is value:
-            return 'bf16' if value is torch.bfloat16 else 'fp32'
-    return dtype
-
-
 def _fastest_form(backbone: nn.Module, dtype, example_input, calibration,
                   rounds: int = 5, **torch_options) -> nn.Module:
     """``optimize_for_inference(backend='auto')``: build every backend of
@@ -95,14 +73,15 @@ def _fastest_form(backbone: nn.Module, dtype, example_input, calibration,
     ``example_input`` and return the fastest, with its choice recorded in
     ``auto_choice`` and logged."""
     from mmengine.logging import print_log
-
-    from .benchmark.measure import time_interleaved
-    name = _dtype_name(dtype)
+    try:
+        name = dtype_name(dtype)
+    except ValueError:
+        name = None
     if name not in AUTO_BACKENDS:
         raise ValueError(f"dtype={dtype!r} is not valid for backend='auto'; "
                          f'use one of {list(AUTO_BACKENDS)}')
     if example_input is None:
-        example_input = _default_example(backbone, (129, 161))
+        example_input = default_example(backbone)
     forms: Dict[str, nn.Module] = {}
     skipped: Dict[str, str] = {}
     for backend in AUTO_BACKENDS[name]:
@@ -144,229 +123,6 @@ def _fastest_form(backbone: nn.Module, dtype, example_input, calibration,
                               for b, why in skipped.items()),
               logger='current')
     return chosen
-
-
-def _foldable_conv_types() -> Tuple[type, ...]:
-    """Conv classes whose forward is a plain conv of ``weight``/``bias``.
-
-    NOTE: a subclass such as timm's ``StdConv2d`` standardises its weight
-    inside ``forward``; folding a BN into that weight would be wrong, so only
-    classes known to use the weight as it is qualify.
-    """
-    return (nn.Conv2d, MMCVConv2d, Conv2dSame)
-
-
-def _is_foldable_conv(module: nn.Module) -> bool:
-    return type(module) in _foldable_conv_types()
-
-
-def _is_foldable_bn(module: nn.Module) -> bool:
-    """An eval-mode BN that normalises with its running statistics."""
-    if isinstance(module, FrozenBatchNorm2d):
-        return True
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return (not module.training and module.track_running_stats
-                and module.running_mean is not None
-                and module.running_var is not None)
-    return False
-
-
-def _bn_remainder(bn: nn.Module) -> nn.Module:
-    """What stays of a norm after folding: timm's ``BatchNormAct2d`` and
-    :class:`FrozenBatchNormAct2d` keep their drop and act."""
-    if isinstance(bn, (BatchNormAct2d, FrozenBatchNormAct2d)):
-        return nn.Sequential(getattr(bn, 'drop', nn.Identity()),
-                             getattr(bn, 'act', nn.Identity()))
-    return nn.Identity()
-
-
-class _OtherUses(TorchFunctionMode):
-    """Collects in ``read`` the names (``watched``: tensor id -> name) of
-    the tensors that a torch call outside every batch norm's forward takes
-    as an input and that gives a tensor (shape reads do not count): a conv
-    output that a shortcut or an in-place activation also reads cannot
-    take the norm's folding."""
-
-    def __init__(self, watched: Dict[int, str]) -> None:
-        super().__init__()
-        self.watched = watched
-        self.read: set = set()  # names of the watched tensors' producers
-        self.in_norm = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not self.in_norm and isinstance(out, torch.Tensor):
-            self.read.update(self.watched[id(leaf)]
-                             for leaf in tree_leaves((args, kwargs))
-                             if isinstance(leaf, torch.Tensor)
-                             and id(leaf) in self.watched)
-        return out
-
-
-def find_conv_bn_pairs(model: nn.Module,
-                       example_input: torch.Tensor) -> List[Tuple[str, str]]:
-    """Names of (conv, batch norm) pairs where the norm's input is exactly
-    the conv's output, read from one forward pass of ``example_input``.
-
-    A conv or norm that runs more than once in the pass (a shared module),
-    and a conv whose output anything else reads too (a pre-norm block's
-    shortcut, an in-place activation), are left out. Only eval-mode BN with
-    running statistics and plain convs qualify.
-
-    Args:
-        model (nn.Module): The model, in eval mode.
-        example_input (torch.Tensor): An input of the model.
-
-    Returns:
-        list[tuple[str, str]]: ``(conv_name, bn_name)`` in forward order.
-
-    Example:
-        >>> m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4),
-        ...                   nn.ReLU()).eval()
-        >>> find_conv_bn_pairs(m, torch.rand(1, 3, 8, 8))
-        [('0', '1')]
-        >>> class PreNorm(nn.Module):  # the conv's output is also the shortcut
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
-        ...     def forward(self, x):
-        ...         x = self.conv(x)
-        ...         return x + self.bn(x)
-        >>> find_conv_bn_pairs(PreNorm().eval(), torch.rand(1, 3, 8, 8))
-        []
-    """
-    convs = {n: m for n, m in model.named_modules() if _is_foldable_conv(m)}
-    bns = {n: m for n, m in model.named_modules() if _is_foldable_bn(m)}
-    outputs: Dict[int, str] = {}
-    keep: List[torch.Tensor] = []  # NOTE: keeps ids unique during the pass
-    calls: Dict[str, int] = {}
-    pairs: List[Tuple[str, str]] = []
-    handles = []
-
-    def conv_hook(name):
-        def hook(module, args, output):
-            calls[name] = calls.get(name, 0) + 1
-            keep.append(output)
-            outputs[id(output)] = name
-        return hook
-
-    other = _OtherUses(outputs)
-
-    def bn_hook(name):
-        def hook(module, args):
-            calls[name] = calls.get(name, 0) + 1
-            other.in_norm += 1
-            if args and isinstance(args[0], torch.Tensor) and id(
-                    args[0]) in outputs:
-                pairs.append((outputs[id(args[0])], name))
-        return hook
-
-    def bn_exit(module, args, output):
-        other.in_norm -= 1
-
-    try:
-        for name, m in convs.items():
-            handles.append(m.register_forward_hook(conv_hook(name)))
-        for name, m in bns.items():
-            handles.append(m.register_forward_pre_hook(bn_hook(name)))
-            handles.append(m.register_forward_hook(bn_exit))
-        with torch.no_grad(), other:
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    # NOTE: a conv output that two norms read is folded into neither.
-    readers = Counter(c for c, _ in pairs)
-    return [(c, b) for c, b in pairs
-            if calls[c] == 1 and calls[b] == 1 and readers[c] == 1
-            and c not in other.read]
-
-
-def fold_batch_norms(model: nn.Module,
-                     example_input: torch.Tensor) -> List[Tuple[str, str]]:
-    """Fold every eval-mode BN that follows a conv into the conv, in place.
-
-    The conv gets the folded weight and a bias; the norm becomes
-    ``nn.Identity`` (or its drop + act for timm's norm-act layers). Module
-    names of the convs are kept.
-
-    Args:
-        model (nn.Module): The model, in eval mode.
-        example_input (torch.Tensor): An input to trace the data flow with.
-
-    Returns:
-        list[tuple[str, str]]: The folded ``(conv_name, bn_name)`` pairs.
-
-    Example:
-        >>> m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
-        >>> x = torch.rand(1, 3, 8, 8)
-        >>> ref = m(x)
-        >>> fold_batch_norms(m, x), type(m[1]).__name__
-        ([('0', '1')], 'Identity')
-        >>> bool((m(x) - ref).abs().max() < 1e-5)
-        True
-    """
-    pairs = find_conv_bn_pairs(model, example_input)
-    for conv_name, bn_name in pairs:
-        conv = model.get_submodule(conv_name)
-        bn = model.get_submodule(bn_name)
-        with torch.no_grad():
-            weight, bias = fuse_conv_bn_weights(
-                conv.weight, conv.bias, bn.running_mean, bn.running_var,
-                bn.eps, bn.weight, bn.bias)
-        conv.weight = weight
-        conv.bias = bias
-        model.set_submodule(bn_name, _bn_remainder(bn))
-    return pairs
-
-
-def max_abs_difference(a, b) -> float:
-    """Largest absolute difference between two outputs (tensors, or
-    tuples/lists/dicts of them), computed in fp32.
-
-    Example:
-        >>> max_abs_difference((torch.ones(2), torch.zeros(1)),
-        ...                    (torch.ones(2), torch.full((1, ), .5)))
-        0.5
-    """
-    if isinstance(a, dict):
-        a, b = list(a.values()), list(b.values())
-    if isinstance(a, (tuple, list)):
-        if len(a) != len(b):
-            raise ValueError(f'outputs differ in length: {len(a)} and '
-                             f'{len(b)}')
-        return max((max_abs_difference(x, y) for x, y in zip(a, b)),
-                   default=0.)
-    if a.shape != b.shape:
-        raise ValueError(f'outputs differ in shape: {tuple(a.shape)} and '
-                         f'{tuple(b.shape)}')
-    return (a.float() - b.float()).abs().max().item()
-
-
-def _max_abs(out) -> float:
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return max((_max_abs(o) for o in out), default=0.)
-    return out.float().abs().max().item()
-
-
-def tolerance_for(dtype: torch.dtype, reference) -> float:
-    """The max abs difference to the fp32 eager ``reference`` outputs that
-    an optimised form in ``dtype`` may have: :data:`FP32_TOLERANCE` (fp32)
-    or :data:`BF16_RELATIVE_TOLERANCE` (bf16) times the largest |output|
-    (at least 1).
-
-    Example:
-        >>> tolerance_for(torch.float32, torch.ones(1))
-        0.0001
-        >>> tolerance_for(torch.bfloat16, torch.full((1, ), 2.))
-        0.1
-    """
-    scale = max(_max_abs(reference), 1.)
-    if dtype == torch.float32:
-        return FP32_TOLERANCE * scale
-    return BF16_RELATIVE_TOLERANCE * scale
 
 
 def _as_eager_outputs(out, dtype: Optional[torch.dtype]):
@@ -442,15 +198,6 @@ class InferenceModel(nn.Module):
         out = run(x, *args, **kwargs)
         return _as_eager_outputs(
             out, in_dtype if in_dtype.is_floating_point else None)
-
-
-def _default_example(model: nn.Module,
-                     size: Tuple[int, int] = (64, 64)) -> torch.Tensor:
-    """A 1 x in_channels x H x W random input on the model's device."""
-    in_channels = getattr(model, 'in_channels', 3)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else 'cpu'
-    return torch.rand(1, int(in_channels), *size, device=device)
 
 
 def optimize_for_inference(backbone: nn.Module,
@@ -537,7 +284,6 @@ def optimize_for_inference(backbone: nn.Module,
                              conv_mlp=conv_mlp, compile=compile,
                              check=check)
     if backend != 'torch':
-        from .deploy import BACKENDS, engine_model
         if backend not in BACKENDS:
             raise ValueError(f'backend={backend!r} is not valid; use '
                              f"'torch', 'auto' or one of {list(BACKENDS)}")
@@ -551,17 +297,18 @@ def optimize_for_inference(backbone: nn.Module,
                          "(backend='onnxruntime' or 'openvino'); "
                          "backend='torch' does not quantize")
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
+        name = DTYPE_ALIASES.get(dtype, dtype)
+        if DTYPES.get(name) is None:
             raise ValueError(f"dtype={dtype!r} is not valid; use 'fp32' or "
                              "'bf16' (or torch.float32 / torch.bfloat16)")
-        dtype = _DTYPES[dtype]
+        dtype = DTYPES[name]
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f'dtype={dtype!r} is not valid; use torch.float32 '
                          "or torch.bfloat16 ('fp32' / 'bf16')")
     reference = copy.deepcopy(backbone).eval()
     model = copy.deepcopy(backbone).eval()
     if example_input is None:
-        example_input = _default_example(model)
+        example_input = default_example(model)
     folded: List[Tuple[str, str]] = []
     if fold_bn:
         folded = fold_batch_norms(model, example_input)

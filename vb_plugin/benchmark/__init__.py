@@ -15,18 +15,19 @@ Results are :class:`Result` rows, written as a text table, CSV, JSON and a
 PNG bar chart (:func:`write_outputs`).
 
 One job per module: :mod:`.schema` (rows, results, settings),
-:mod:`.catalogue` (which models to time), :mod:`.measure` (timing, memory,
-peak), :mod:`.run` (a run), :mod:`.output` (files) and :mod:`.detector`
-(whole detectors).
+:mod:`.catalogue` (which models to time), :mod:`.measure` (memory, peak,
+complexity), :mod:`.run` (a run), :mod:`.output` (files), :mod:`.detector`
+(whole detectors) and :mod:`.evaluate` (a detector's test metrics with each
+inference form); interleaved timing is :mod:`vb_plugin.timing`'s.
 """
 
 from ..inference import FORMS, check_forms
+from ..timing import time_interleaved
 from .catalogue import (ARCHITECTURES, _importable, architecture,
                         backbone_cfg, make_rows)
 from .detector import NATIVE_TWINS, detector_rows, twin_config
 from .measure import (busy_warning, count_complexity, load_average,
-                      measure_peak, peak_memory, percentile,
-                      time_interleaved, warm_up)
+                      measure_peak, peak_memory, percentile, warm_up)
 from .output import (TABLE_COLUMNS, format_table, plot_results, summarize,
                      write_outputs)
 from .run import run_benchmark

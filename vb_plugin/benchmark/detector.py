@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..deploy.engines import BackboneWithNeck, check_part
+from ..deploy.parts import BackboneWithNeck, check_part
 # NOTE: FORMS (the --forms names) is the inference path's table.
 from ..inference import FORMS, check_forms
 from .schema import Row

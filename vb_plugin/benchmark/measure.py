@@ -1,4 +1,4 @@
-"""How a row is measured: load average, peak memory, interleaved timing,
+"""How a row is measured: load average, peak memory,
 percentiles, the machine's peak GFLOP/s and a model's complexity.
 """
 import ctypes
@@ -8,11 +8,13 @@ import os
 import threading
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
+
+from ..timing import sync
 
 # NOTE: FORMS (the --forms names) is the inference path's table.
 
@@ -56,11 +58,6 @@ def busy_warning(load: float, threads: int,
                 f'{" (ours included)" if includes_own else ""}; timings '
                 'are noisy')
     return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 class _RSSPeak:
@@ -110,7 +107,7 @@ def warm_up(fn: Callable[[], object],
     with ctx():
         for _ in range(max(warmup, 1)):
             fn()
-        _sync(device)
+        sync(device)
 
 
 def _release_free_memory() -> None:
@@ -143,53 +140,17 @@ def peak_memory(fn: Callable[[], object],
     """
     ctx = torch.enable_grad if grad else torch.inference_mode
     if device.type == 'cuda':
-        _sync(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         with ctx():
             fn()
-        _sync(device)
+        sync(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     _release_free_memory()
     with ctx(), _RSSPeak() as rss:
         fn()
     return max(rss.peak - rss.base, 0) / 2**20
-
-
-def time_interleaved(fns: Sequence[Callable[[], object]],
-                     iters: int,
-                     device: torch.device = torch.device('cpu'),
-                     grad: bool = False) -> List[List[float]]:
-    """Time ``iters`` runs of every callable, interleaved.
-
-    Round ``i`` runs each callable once, starting with callable ``i mod n``,
-    so a change in the machine's load during the run (a shared machine)
-    hits every row alike instead of whichever row ran at that moment, and
-    no row always runs right after the same other one. Runs under
-    ``torch.inference_mode`` unless ``grad``; CUDA work is synchronised
-    before each clock read.
-
-    Returns:
-        list: One list of ``iters`` times in ms per callable.
-
-    Example:
-        >>> times = time_interleaved([lambda: torch.ones(8).sum()] * 2, 3)
-        >>> [len(t) for t in times]
-        [3, 3]
-    """
-    ctx = torch.enable_grad if grad else torch.inference_mode
-    n = len(fns)
-    times: List[List[float]] = [[] for _ in range(n)]
-    with ctx():
-        _sync(device)
-        for i in range(iters):
-            for k in range(n):
-                j = (i + k) % n
-                start = time.perf_counter()
-                fns[j]()
-                _sync(device)
-                times[j].append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -236,7 +197,7 @@ def measure_peak(device: torch.device = torch.device('cpu'),
             while True:
                 start = time.perf_counter()
                 fn()
-                _sync(device)
+                sync(device)
                 best = min(best, time.perf_counter() - start)
                 if time.perf_counter() > end:
                     break

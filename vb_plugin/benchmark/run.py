@@ -13,13 +13,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..deploy.engines import engine_tolerance
-from ..inference import (max_abs_difference, optimize_for_inference,
-                         tolerance_for)
+from ..inference import optimize_for_inference
+from ..outputs import max_abs_difference, tolerance_for
+from ..timing import time_interleaved
 from .detector import _Detector
 from .measure import (busy_warning, count_complexity, load_average,
-                      measure_peak, peak_memory, percentile,
-                      time_interleaved, warm_up)
+                      measure_peak, peak_memory, percentile, warm_up)
 from .schema import DTYPES, MODE_SPECS, Result, Row, Settings
 
 
@@ -118,8 +117,7 @@ def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
         with torch.inference_mode():
             expected = target(example)
             diff = max_abs_difference(expected, fast(example))
-            tol = engine_tolerance(fast.dtype, expected) if engine else \
-                tolerance_for(fast.dtype, expected)
+            tol = tolerance_for(fast.dtype, expected)
         if not diff <= tol:
             note = f'max_abs_diff above tolerance {tol:.3g}'
         if engine:

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from ..inference import _DTYPES
+from ..outputs import DTYPES as _DTYPES
 
 
 @dataclass(frozen=True)

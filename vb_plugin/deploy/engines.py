@@ -10,168 +10,31 @@ tensors) that a detector can hold in place of its backbone
 (:func:`deploy_detector`).
 
 Every engine model is compared with the fp32 eager model at construction,
-within :func:`engine_tolerance`.
+within :func:`~vb_plugin.outputs.tolerance_for`.
 """
 import dataclasses
-import functools
-import tempfile
-from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-from ..inference import _max_abs, max_abs_difference, tolerance_for
+from ..outputs import max_abs_difference, tolerance_for
 from .onnx_export import OnnxExport, _as_list, export_onnx, ort_session
+from .openvino import OpenVINORun, check_openvino_ops
+from .parts import BackboneWithNeck, check_part
+from .quantize import INT8_CALIBRATION, calibration_batches, quantize_int8
 
 BACKENDS = ('onnxruntime', 'openvino')
-#: What of a detector goes on the engine (or into the ONNX file).
-PARTS = ('backbone', 'backbone+neck')
 #: dtypes each backend runs (ONNX Runtime's CPU provider has no bf16
 #: kernels for convolutions).
 BACKEND_DTYPES = {'onnxruntime': ('fp32', 'int8'),
                   'openvino': ('fp32', 'bf16', 'int8')}
-#: int8 forms: max abs difference relative to the largest |output| of the
-#: fp32 eager model. Per-tensor uint8 activations keep 256 levels over the
-#: calibrated range, so each layer's rounding is ~0.4% of its range and the
-#: errors add up over the network; measured on the tested models: see
-#: docs/deploy.md. Detection accuracy is the real check (AP before/after).
-INT8_RELATIVE_TOLERANCE = 0.25
-
-
-def engine_tolerance(dtype: str, reference) -> float:
-    """Max abs difference to the fp32 eager ``reference`` allowed for an
-    engine form in ``dtype``: as :func:`~vb_plugin.inference.tolerance_for`
-    for fp32 and bf16, :data:`INT8_RELATIVE_TOLERANCE` times the largest
-    |output| (at least 1) for int8.
-
-    Example:
-        >>> engine_tolerance('fp32', torch.ones(1))
-        0.0001
-        >>> engine_tolerance('int8', torch.full((1, ), 4.))
-        1.0
-    """
-    if dtype == 'int8':
-        return INT8_RELATIVE_TOLERANCE * max(_max_abs(reference), 1.)
-    return tolerance_for(
-        torch.float32 if dtype == 'fp32' else torch.bfloat16, reference)
-
-
-def check_part(part: str) -> None:
-    """Raise ``ValueError`` unless ``part`` is one of :data:`PARTS`.
-
-    Example:
-        >>> check_part('backbone+neck')
-    """
-    if part not in PARTS:
-        raise ValueError(f"part={part!r} is not valid; use 'backbone' or "
-                         "'backbone+neck'")
-
-
-class BackboneWithNeck(nn.Module):
-    """A backbone and its neck as one module (to export or deploy both).
-
-    Example:
-        >>> from mmdet.models.necks import FPN
-        >>> from vb_plugin import VBResNet
-        >>> bb = VBResNet(depth=18, base_channels=8)
-        >>> m = BackboneWithNeck(bb, FPN(list(bb.out_channels), 16, 5))
-        >>> [o.shape[-1] for o in m(torch.rand(1, 3, 64, 64))]
-        [16, 8, 4, 2, 1]
-    """
-
-    def __init__(self, backbone: nn.Module, neck: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.neck = neck
-        self.in_channels = getattr(backbone, 'in_channels', 3)
-        self.size_divisor = getattr(backbone, 'size_divisor', 1)
-        # NOTE: the pair is in the backbone's mode (a new module is in
-        # training mode, and train()/eval() on it reach both parts).
-        self.train(backbone.training)
-
-    def forward(self, x: torch.Tensor):
-        return tuple(self.neck(self.backbone(x)))
 
 
 @dataclasses.dataclass
 class _Compiled:
     backend: str
     run: object  # callable: np.ndarray -> list of np.ndarray
-
-
-def _cubic_resizes(onnx_model: bytes) -> List[str]:
-    import onnx
-    graph = onnx.load_from_string(onnx_model).graph
-    return [n.name for n in graph.node if n.op_type == 'Resize' and any(
-        a.name == 'mode' and a.s == b'cubic' for a in n.attribute)]
-
-
-def check_openvino_ops(onnx_model: bytes, name: str = 'the model') -> None:
-    """Raise ``ValueError`` for ONNX ops that OpenVINO runs differently.
-
-    OpenVINO 2026.4's ``Resize`` in cubic mode does not reproduce torch's
-    bicubic interpolation (measured: max abs diff 2e-3 at the identity size
-    and 0.03-0.07 at upsampling, where onnxruntime gives <= 2e-6). timm's
-    ViT, DeiT, DINOv2 and EVA at any input size resample their position
-    embedding with it.
-    """
-    cubic = _cubic_resizes(onnx_model)
-    if cubic:
-        raise ValueError(
-            f"backend='openvino' cannot run {name}: its ONNX graph has "
-            f'{len(cubic)} bicubic Resize node(s) ({cubic[0]}, e.g. timm\'s '
-            'position-embedding resampling at any input size), which '
-            "OpenVINO does not compute as torch does; use "
-            "backend='onnxruntime'")
-
-
-@functools.lru_cache(maxsize=None)
-def openvino_core():
-    """The process's one OpenVINO ``Core``.
-
-    One Core for every engine model: creating Cores over and over in one
-    process (one per compiled model) ends in a segmentation fault (seen
-    here in the test suite, and reported by other OpenVINO users), and a
-    compiled model must not outlive the Core whose plugin made it.
-    """
-    import openvino as ov
-    return ov.Core()
-
-
-class _OpenVINORun:
-    """An OpenVINO compiled model and its infer request."""
-
-    def __init__(self, onnx_model: bytes, dtype: str, threads: int) -> None:
-        core = openvino_core()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / 'model.onnx'
-            path.write_bytes(onnx_model)
-            model = core.read_model(str(path))
-        config = {
-            'INFERENCE_PRECISION_HINT': 'bf16' if dtype == 'bf16' else 'f32',
-            'INFERENCE_NUM_THREADS': int(threads),
-            'PERFORMANCE_HINT': 'LATENCY',
-            'NUM_STREAMS': 1,
-        }
-        self.compiled = core.compile_model(model, 'CPU', config)
-        del model
-        self.request = self.compiled.create_infer_request()
-        self.num_outputs = len(self.compiled.outputs)
-
-    def __call__(self, array):
-        self.request.infer({0: array})
-        return [self.request.get_output_tensor(i).data.copy()
-                for i in range(self.num_outputs)]
-
-    def __del__(self):
-        # NOTE: the request before the model it was made from.
-        for name in ('request', 'compiled'):
-            self.__dict__.pop(name, None)
-
-
-def _ov_compile(onnx_model: bytes, dtype: str, threads: int) -> _Compiled:
-    return _Compiled('openvino', _OpenVINORun(onnx_model, dtype, threads))
 
 
 def _ort_compile(onnx_model: bytes, threads: int,
@@ -229,108 +92,6 @@ class EngineModel(nn.Module):
         return f'backend={self.backend!r}, dtype={self.dtype!r}'
 
 
-def _calibration_batches(calibration, limit: int) -> List[torch.Tensor]:
-    if calibration is None:
-        raise ValueError("dtype='int8' needs calibration: an iterable of "
-                         'input batches (NCHW tensors), e.g. '
-                         'vb_plugin.deploy.calibration_inputs(cfg)')
-    if isinstance(calibration, torch.Tensor):
-        calibration = [calibration]
-    batches = []
-    for x in calibration:
-        if not (isinstance(x, torch.Tensor) and x.dim() == 4):
-            raise TypeError(f'calibration must yield NCHW tensors, got '
-                            f'{getattr(x, "shape", type(x).__name__)}')
-        batches.append(x.detach().float().cpu())
-        if len(batches) >= limit:
-            break
-    if not batches:
-        raise ValueError('calibration gave no batches')
-    return batches
-
-
-#: How each engine's int8 model is calibrated (ONNX Runtime's
-#: ``CalibrationMethod``). Measured on the toy Mask R-CNN (docs/deploy.md):
-#: bbox AP against fp32, ONNX Runtime -1.4 with MinMax and -0.4 with
-#: Percentile; OpenVINO -0.2 with MinMax and -0.6 with Percentile. The
-#: speed is the same (only the scales differ).
-INT8_CALIBRATION = {'onnxruntime': 'Percentile', 'openvino': 'MinMax'}
-
-
-def quantize_int8(onnx_model: bytes, calibration: Sequence[torch.Tensor],
-                  input_name: str = 'input', method: str = 'MinMax') -> bytes:
-    """Static int8 quantization with ONNX Runtime's own tool (QDQ format,
-    int8 per-channel weights, uint8 activations).
-
-    Both engines run the result as int8 (OpenVINO reads QDQ models as its
-    own quantized form). int8 activations (ONNX Runtime's S8S8) were
-    measured 3.5x slower on ONNX Runtime here, so activations are uint8.
-
-    Args:
-        onnx_model (bytes): The fp32 ONNX model.
-        calibration (Sequence[torch.Tensor]): Input batches, as the model
-            gets them at inference (normalised images).
-        input_name (str): The model's input name. Defaults to 'input'.
-        method (str): ONNX Runtime's calibration method for the
-            activation ranges: 'MinMax', 'Percentile' (99.999th percentile
-            of the absolute values), 'Entropy' or 'Distribution'. Defaults
-            to 'MinMax'; :func:`engine_model` uses
-            :data:`INT8_CALIBRATION`.
-
-    Returns:
-        bytes: The quantized ONNX model.
-
-    Raises:
-        ValueError: On another ``method``.
-    """
-    from onnxruntime.quantization import (CalibrationDataReader,
-                                          CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-    methods = [m.name for m in CalibrationMethod]
-    if method not in methods:
-        raise ValueError(f'method={method!r} is not valid; use one of '
-                         f'{methods}')
-
-    class Reader(CalibrationDataReader):
-        """The batches, one per ``collect_data`` call of the calibrator
-        (ONNX Runtime's strided calibration, ``CalibStridedMinMax=1``, which
-        applies to every method). Given all batches in one call, the
-        calibrator keeps every intermediate tensor of all of them before it
-        reduces them (histograms for 'Percentile'): ResNet-50 + FPN at
-        800x1216 ran out of 23 GB with 8 batches."""
-
-        def __init__(self):
-            self.batches = list(calibration)
-            self.set_range(0, len(self.batches))
-
-        def __len__(self):
-            return len(self.batches)
-
-        def set_range(self, start_index, end_index):
-            self.queue = iter(self.batches[start_index:end_index])
-
-        def get_next(self):
-            x = next(self.queue, None)
-            return None if x is None else {input_name: x.numpy()}
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src, pre, dst = (Path(tmp) / n for n in ('fp32.onnx', 'pre.onnx',
-                                                  'int8.onnx'))
-        src.write_bytes(onnx_model)
-        try:
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        except Exception:  # noqa: BLE001 (pre-processing is optional)
-            pre = src
-        quantize_static(str(pre), str(dst), Reader(),
-                        quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, per_channel=True,
-                        calibrate_method=CalibrationMethod[method],
-                        extra_options={'CalibStridedMinMax': 1})
-        return dst.read_bytes()
-
-
 def engine_model(model: nn.Module,
                  backend: str = 'onnxruntime',
                  dtype: str = 'fp32',
@@ -359,8 +120,8 @@ def engine_model(model: nn.Module,
         calibration_limit (int): At most this many batches are used.
             Defaults to 300.
         check (bool): Compare with the fp32 eager model on
-            ``example_input`` within :func:`engine_tolerance`. Defaults to
-            True.
+            ``example_input`` within
+            :func:`~vb_plugin.outputs.tolerance_for`. Defaults to True.
         threads (int, optional): Engine threads. Defaults to
             ``torch.get_num_threads()``.
 
@@ -391,7 +152,7 @@ def engine_model(model: nn.Module,
     threads = int(threads or torch.get_num_threads())
     batches = None
     if dtype == 'int8':
-        batches = _calibration_batches(calibration, calibration_limit)
+        batches = calibration_batches(calibration, calibration_limit)
     exported = export_onnx(model, example_input=example_input, check=check)
     # NOTE: the export's check session is the fp32 onnxruntime engine when
     # its threads are the engine's (made once, not twice); the record
@@ -408,7 +169,8 @@ def engine_model(model: nn.Module,
         exported = dataclasses.replace(exported, model=onnx_model, path='')
     if backend == 'openvino':
         check_openvino_ops(onnx_model, type(model).__name__)
-        compiled = _ov_compile(onnx_model, dtype, threads)
+        compiled = _Compiled('openvino',
+                             OpenVINORun(onnx_model, dtype, threads))
     else:
         compiled = _ort_compile(onnx_model, threads, checked)
     result = EngineModel(compiled, dtype, exported, model).eval()
@@ -424,13 +186,13 @@ def engine_model(model: nn.Module,
             model.train(was_training)
         out = list(result(x))
         diff = max_abs_difference(ref, out)
-        tol = engine_tolerance(dtype, ref)
+        tol = tolerance_for(dtype, ref)
         result.max_abs_diff = diff
         if not diff <= tol:
             raise ValueError(
                 f'the {backend} {dtype} form of {type(model).__name__} '
                 f'differs from the fp32 eager model by {diff:.3g} (> '
-                f'{tol:.3g}, see engine_tolerance) at input '
+                f'{tol:.3g}, see tolerance_for) at input '
                 f'{tuple(x.shape)}')
     return result
 

@@ -4,7 +4,7 @@ One function, :func:`export_onnx`, and the pieces it is made of:
 
 * :func:`prepare_for_export`: a deep copy in eval mode with activation
   checkpointing switched off and eval-mode BN folded into the convs that
-  feed it (:func:`~vb_plugin.inference.fold_batch_norms`); modules that no
+  feed it (:func:`~vb_plugin.folding.fold_batch_norms`); modules that no
   ONNX engine can run (mmcv's deformable convs) are refused with their name;
 * :func:`output_names`: outputs named by stride (``stride4`` ...);
 * torch's TorchScript exporter (``dynamo=False``) with dynamic batch,
@@ -14,7 +14,7 @@ One function, :func:`export_onnx`, and the pieces it is made of:
 
 The file is then run by onnxruntime at two input sizes (the example's and
 another with a different batch, height and width) and compared with the
-eager model within :func:`~vb_plugin.inference.tolerance_for`.
+eager model within :func:`~vb_plugin.outputs.tolerance_for`.
 """
 import copy
 import dataclasses
@@ -26,9 +26,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..inference import (_default_example, fold_batch_norms,
-                         max_abs_difference, tolerance_for)
+from ..folding import fold_batch_norms
 from ..models.base import round_up_to
+from ..outputs import (default_example, max_abs_difference, size_divisor,
+                       tolerance_for)
+from .parts import BackboneWithNeck, check_part
 
 #: The ONNX opset used when none is given: the newest one torch 2.13's
 #: TorchScript exporter writes and onnxruntime 1.20+/OpenVINO 2025+ read.
@@ -190,22 +192,6 @@ def _as_list(outs) -> List[torch.Tensor]:
     return list(outs)
 
 
-def _divisor(model: nn.Module) -> int:
-    return max(int(getattr(model, 'size_divisor', 1) or 1), 1)
-
-
-def default_example(model: nn.Module) -> torch.Tensor:
-    """A 1 x C x 129 x 161 input (rounded up to the model's
-    ``size_divisor``): odd, so padding branches are traced too.
-
-    Example:
-        >>> from vb_plugin import VBResNet
-        >>> tuple(default_example(VBResNet(depth=18)).shape)
-        (1, 3, 129, 161)
-    """
-    return _default_example(model, round_up_to((129, 161), _divisor(model)))
-
-
 def second_input(example: torch.Tensor, div: int = 1) -> torch.Tensor:
     """Another input for the check: batch + 1, height and width changed.
 
@@ -262,7 +248,7 @@ def export_onnx(model: nn.Module,
     With ``check`` the file runs in onnxruntime at the example's size and
     at another batch, height and width (:func:`second_input`; only the
     example's size when ``dynamic`` is False), and each output must match
-    the eager model within :func:`~vb_plugin.inference.tolerance_for`
+    the eager model within :func:`~vb_plugin.outputs.tolerance_for`
     (1e-4 times the largest |output|, at least 1e-4).
 
     Args:
@@ -271,7 +257,8 @@ def export_onnx(model: nn.Module,
         path (str | Path, optional): Where to write the file; None keeps it
             in memory (``OnnxExport.model``). Defaults to None.
         example_input (torch.Tensor, optional): The input traced. Defaults
-            to :func:`default_example` (1 x C x 129 x 161, odd on purpose:
+            to :func:`~vb_plugin.outputs.default_example` (1 x C x 129 x
+            161, odd on purpose:
             input padding is traced as the shape-dependent op it is).
         dynamic (bool): Dynamic batch, height and width. Defaults to True.
         opset (int, optional): ONNX opset. Defaults to
@@ -335,7 +322,7 @@ def export_onnx(model: nn.Module,
         session = ort_session(data)
         cases = [(example_input, ref_outs)]
         if dynamic:
-            x = second_input(example_input, _divisor(model))
+            x = second_input(example_input, size_divisor(model))
             with torch.no_grad():
                 cases.append((x, _as_list(ready(x))))
         for x, ref in cases:
@@ -393,7 +380,6 @@ def export_config(cfg,
     """
     from mmengine.runner import load_checkpoint
     from ..apis import build_detector
-    from .engines import BackboneWithNeck, check_part
     check_part(part)
     model = build_detector(cfg, pretrained=False)
     if checkpoint is not None:

@@ -7,9 +7,9 @@ from typing import Dict, Optional, Sequence
 from mmengine.config import Config
 from mmengine.runner import Runner
 
+from ..deploy.calibration import calibration_inputs
+from ..deploy.engines import deploy_detector
 from ..inference import FORMS, check_forms, optimize_for_inference
-from .calibration import calibration_inputs
-from .engines import deploy_detector
 
 
 def evaluate_forms(cfg: Config,
