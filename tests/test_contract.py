@@ -8,6 +8,7 @@ import inspect
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from backbone_cases import BACKBONE_CASES, build, case_id, iter_cases
@@ -462,3 +463,21 @@ def test_input_shape_is_checked_at_forward(name, case):
                 f'{name} takes a batch of images of shape (N, 4, H, W) '
                 f'(in_channels=4), got a tensor of shape {shape}') + '$'):
             model(torch.rand(*shape))
+
+
+@pytest.mark.parametrize('name,case', FIRST_CASES)
+@pytest.mark.parametrize('value,hint', [
+    ([torch.rand(3, 64, 64)], ' (stack a list of images with torch.stack)'),
+    ((torch.rand(1, 3, 64, 64), ), ' (stack a list of images with '
+     'torch.stack)'),
+    (np.zeros((1, 3, 64, 64), np.float32), ''),
+])
+def test_input_that_is_not_a_tensor_is_a_type_error(name, case, value, hint):
+    """A list of images (or an array) is a TypeError naming what the
+    backbone takes, not an AttributeError from deep inside it."""
+    model = build(name, case).eval()
+    message = (f'{name} takes a batch of images, a torch.Tensor of shape '
+               f'(N, {model.in_channels}, H, W), got '
+               f'{type(value).__name__}{hint}')
+    with pytest.raises(TypeError, match='^' + re.escape(message) + '$'):
+        model(value)

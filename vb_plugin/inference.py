@@ -3,16 +3,16 @@
 It returns an equivalent inference module for a backbone (or any conv net):
 
 * every batch norm whose input is a convolution's output is folded into the
-  convolution (``torch.nn.utils.fusion.fuse_conv_bn_weights``). Which conv
-  feeds which norm is read from one traced forward pass (forward hooks), not
-  from module names, so mmdet's ``BasicBlock``/``Bottleneck`` (``conv1`` /
-  ``bn1`` pairs, ``downsample`` Sequentials), mmcv's ``ConvModule``, the
-  VB families, timm's ``ConvNormAct``/``BatchNormAct2d`` and
-  :class:`~vb_plugin.layers.FrozenBatchNorm2d` all fold the same way;
+  convolution (:func:`vb_plugin.folding.fold_batch_norms`);
+* every VB backbone in it switches to its fast layers
+  (:meth:`~vb_plugin.models.VBBackbone.set_fast_layers`: VBConvNeXt's block
+  MLP as 1x1 convolutions);
 * the weights and the input go to ``channels_last`` memory;
-* :class:`~vb_plugin.VBConvNeXt` computes its block MLP as 1x1 convolutions
-  (:meth:`~vb_plugin.VBConvNeXt.to_fast_inference`);
 * optionally ``torch.compile`` (inductor with ``freezing``) and bfloat16.
+
+The forms have names (:data:`FORMS`), used by ``tools/benchmark.py`` and
+``tools/deploy_eval.py``; ``backend`` sends the backbone to an inference
+engine instead (:mod:`vb_plugin.deploy`).
 
 The result is checked against the fp32 eager module on an example input
 before it is returned (see ``check``).
@@ -27,6 +27,7 @@ from torch import nn
 
 from .deploy import BACKENDS, engine_model
 from .folding import fold_batch_norms
+from .models.base import VBBackbone
 from .outputs import (DTYPE_ALIASES, DTYPES, default_example, dtype_name,
                       max_abs_difference,
                       tolerance_for)
@@ -214,8 +215,9 @@ def optimize_for_inference(backbone: nn.Module,
 
     ``backbone`` itself is not changed: a deep copy is put in eval mode,
     then (each step optional) its eval-mode batch norms are folded into the
-    convolutions that feed them, a :class:`~vb_plugin.VBConvNeXt` computes
-    its block MLP as 1x1 convs, weights go to ``channels_last`` and
+    convolutions that feed them, VB backbones switch to their fast layers
+    (VBConvNeXt: the block MLP as 1x1 convs), weights go to
+    ``channels_last`` and
     ``dtype``, and the result is compiled with inductor (``freezing=True``,
     which needs inference under ``torch.no_grad``/``inference_mode``).
 
@@ -228,8 +230,9 @@ def optimize_for_inference(backbone: nn.Module,
         backbone (nn.Module): A VB backbone or any conv net.
         fold_bn (bool): Fold eval-mode BN into convs. Defaults to True.
         channels_last (bool): Use ``channels_last`` memory. Defaults to True.
-        conv_mlp (bool): ConvNeXt MLP as 1x1 convs (VBConvNeXt only).
-            Defaults to True.
+        conv_mlp (bool): The fast layers of every VB backbone in the model
+            (:meth:`~vb_plugin.models.VBBackbone.set_fast_layers`; VBConvNeXt:
+            its MLP as 1x1 convs). Defaults to True.
         compile (bool): ``torch.compile`` with inductor freezing. Defaults to
             False.
         dtype (str | torch.dtype): 'fp32'/torch.float32 or
@@ -312,8 +315,10 @@ def optimize_for_inference(backbone: nn.Module,
     folded: List[Tuple[str, str]] = []
     if fold_bn:
         folded = fold_batch_norms(model, example_input)
-    if conv_mlp and hasattr(model, 'to_fast_inference'):
-        model.to_fast_inference()
+    if conv_mlp:
+        for module in model.modules():
+            if isinstance(module, VBBackbone):
+                module.set_fast_layers(True)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if dtype != torch.float32:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..folding import fold_batch_norms
-from ..models.base import round_up_to
+from ..models.base import VBBackbone, round_up_to
 from ..outputs import (default_example, max_abs_difference, size_divisor,
                        tolerance_for)
 from .parts import BackboneWithNeck, check_part
@@ -115,7 +115,7 @@ def prepare_for_export(model: nn.Module,
     for module in ready.modules():
         if getattr(module, 'with_cp', False) is True:
             module.with_cp = False
-        if callable(getattr(module, 'prepare_export', None)):
+        if isinstance(module, VBBackbone):
             module.prepare_export()
     folded = fold_batch_norms(ready, example_input)
     return ready, len(folded)

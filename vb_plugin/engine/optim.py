@@ -1,11 +1,13 @@
 """Layer-wise learning-rate decay for every backbone that numbers its
-layers."""
+layers (:attr:`vb_plugin.models.VBBackbone.lr_decay_num_layers`)."""
 from typing import Dict, List
 
 from mmdet.engine.optimizers import LearningRateDecayOptimizerConstructor
 from mmengine.model import is_model_wrapper
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
+
+from ..models.base import VBBackbone
 
 #: Parameters kept out of weight decay besides norms and biases.
 NO_DECAY_TOKENS = ('pos_embed', 'cls_token', 'reg_token', 'mask_token')
@@ -16,8 +18,9 @@ class VBLayerDecayOptimizerConstructor(LearningRateDecayOptimizerConstructor):
     """mmdet's layer-wise learning-rate decay, with ``num_layers`` read from
     the backbone (``lr_decay_num_layers``) when the config leaves it out.
 
-    ConvNeXt backbones go through mmdet's own rule. Any other backbone with
-    a ``lr_decay_layer_id(name)`` method (e.g. a ViT in
+    ConvNeXt backbones go through mmdet's own rule (mmdet recognises them by
+    class name). Any other VB backbone that numbers its layers
+    (``lr_decay_num_layers`` not None; e.g. a ViT in
     :class:`vb_plugin.VBTimmBackbone`: embeddings 0, block ``i`` is
     ``i + 1``, the pyramid and everything after the backbone
     ``num_layers + 1``) gets the same groups from its own ids: a parameter
@@ -35,7 +38,8 @@ class VBLayerDecayOptimizerConstructor(LearningRateDecayOptimizerConstructor):
         module = model.module if is_model_wrapper(model) else model
         if self.paramwise_cfg.get('num_layers') is None:
             backbone = getattr(module, 'backbone', None)
-            num = getattr(backbone, 'lr_decay_num_layers', None)
+            num = backbone.lr_decay_num_layers if isinstance(
+                backbone, VBBackbone) else None
             if num is None:
                 raise ValueError(
                     'paramwise_cfg.num_layers is not set and the backbone '
@@ -47,8 +51,11 @@ class VBLayerDecayOptimizerConstructor(LearningRateDecayOptimizerConstructor):
     def add_params(self, params: List[dict], module: nn.Module,
                    **kwargs) -> None:
         backbone = getattr(module, 'backbone', None)
-        if 'ConvNeXt' in type(backbone).__name__ or not hasattr(
-                backbone, 'lr_decay_layer_id'):
+        # NOTE: mmdet's add_params numbers ConvNeXt by class name (also
+        # stage-wise); VBConvNeXt's lr_decay_layer_id is mmdet's rule.
+        if not isinstance(backbone, VBBackbone) or (
+                backbone.lr_decay_num_layers is None
+                or 'ConvNeXt' in type(backbone).__name__):
             return super().add_params(params, module, **kwargs)
         if self.paramwise_cfg.get('decay_type', 'layer_wise') != 'layer_wise':
             raise ValueError(

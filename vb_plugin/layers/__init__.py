@@ -2,10 +2,8 @@
 from .norm import (BATCH_NORM_TYPES, FrozenBatchNorm2d, FrozenBatchNormAct2d,
                    check_norm_cfg, freeze_batch_norms, is_batch_norm,
                    registered_norm_types)
-# NOTE: the SyncBN pieces live in vb_plugin.engine (runner code); their
-# public names here stay.
-from ..engine.sync_bn import (VBDistributedDataParallel,
-                              convert_sync_batchnorm, norm_act_layers)
+from .sync_bn import (VBDistributedDataParallel, convert_sync_batchnorm,
+                      norm_act_layers)
 
 __all__ = [
     'BATCH_NORM_TYPES', 'FrozenBatchNorm2d', 'FrozenBatchNormAct2d',

@@ -16,6 +16,12 @@ Everything that cuts across families is here, written once:
 * Stages after the last requested output are not built.
 * ``init_cfg=dict(type='Pretrained', checkpoint=...)`` goes through the strict,
   converting loader in :mod:`vb_plugin.weights`.
+* ``in_channels`` checked (a family sets it), and every input checked against
+  it (:meth:`VBBackbone.check_input`).
+* Hooks with defaults that the fast path, the export and the optimizer
+  constructor call on every backbone: :meth:`VBBackbone.set_fast_layers`,
+  :meth:`VBBackbone.prepare_export`, :attr:`VBBackbone.lr_decay_num_layers`
+  and :meth:`VBBackbone.lr_decay_layer_id`.
 """
 import copy
 import inspect
@@ -30,6 +36,7 @@ from mmdet.utils import OptConfigType
 from mmengine.model import BaseModule
 from torch import nn
 
+from ..checks import check_int
 from ..layers import check_norm_cfg, freeze_batch_norms, is_batch_norm
 
 if TYPE_CHECKING:
@@ -181,6 +188,19 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
     #: source models do not have. They keep their initial values.
     new_layer_patterns: Tuple[str, ...] = (r'^out_norms\.',
                                            r'\.num_batches_tracked$')
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels (3 unless the family sets it). A family sets it
+        (usually from its own ``in_channels`` option) before the base builds
+        it; it is checked here, once for every family: ``TypeError`` for a
+        non-int, ``ValueError`` below 1."""
+        return self.__dict__.get('_in_channels', 3)
+
+    @in_channels.setter
+    def in_channels(self, value: int) -> None:
+        self.__dict__['_in_channels'] = check_int('in_channels', value,
+                                                  minimum=1)
 
     def __init__(self,
                  stage_channels: Sequence[int],
@@ -418,18 +438,25 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
         return x
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ``ValueError`` naming the expected shape when ``x`` is
-        not an NCHW batch with the backbone's ``in_channels``, or naming
+        """Raise a ``TypeError`` when ``x`` is not a tensor, a
+        ``ValueError`` naming the expected shape when it is not an NCHW
+        batch with the backbone's ``in_channels``, or naming
         :attr:`size_divisor` when its height or width is not a multiple of
-        it, instead of a shape error deep inside the network. A shape
-        comparison only."""
-        channels = getattr(self, 'in_channels', None)
-        if x.dim() != 4 or (channels is not None and x.shape[1] != channels):
+        it, instead of an error deep inside the network. A shape comparison
+        only."""
+        channels = self.in_channels
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f'{type(self).__name__} takes a batch of images, a '
+                f'torch.Tensor of shape (N, {channels}, H, W), got '
+                f'{type(x).__name__}'
+                + (' (stack a list of images with torch.stack)'
+                   if isinstance(x, (list, tuple)) else ''))
+        if x.dim() != 4 or x.shape[1] != channels:
             raise ValueError(
                 f'{type(self).__name__} takes a batch of images of shape '
-                f'(N, {channels if channels is not None else "C"}, H, W) '
-                f'(in_channels={channels}), got a tensor of shape '
-                f'{tuple(x.shape)}')
+                f'(N, {channels}, H, W) (in_channels={channels}), got a '
+                f'tensor of shape {tuple(x.shape)}')
         div = self.size_divisor
         if div > 1 and (x.shape[-2] % div or x.shape[-1] % div):
             raise ValueError(
@@ -549,10 +576,94 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
         layout ``source`` that does not fit (e.g. the arch that would)."""
         return ''
 
+    # ------------------------------------------------------------------
+    # Inference and export forms.
+    def set_fast_layers(self, enable: bool = True) -> None:
+        """Family hook: switch the layers that have an equivalent, faster
+        computation to it (``enable=False``: back), in place; parameters
+        and state-dict keys do not change. :func:`vb_plugin.
+        optimize_for_inference` (``conv_mlp=True``) and the ONNX export
+        call it. Default: no such layers."""
+
+    def to_fast_inference(self, enable: bool = True) -> 'VBBackbone':
+        """The backbone in its fast eval form, in place: its fast layers
+        (:meth:`set_fast_layers`) and ``channels_last`` weights;
+        ``enable=False`` goes back. Outputs agree with the default form to
+        float rounding. :func:`vb_plugin.optimize_for_inference` does this
+        and more (BN folding, bf16, compile) on a copy.
+
+        Returns:
+            VBBackbone: ``self``.
+
+        Example:
+            >>> from vb_plugin import VBConvNeXt
+            >>> model = VBConvNeXt(arch=dict(depths=[1, 1, 1, 1],
+            ...                    channels=[8, 16, 32, 64])).eval()
+            >>> x = torch.rand(1, 3, 64, 64)
+            >>> ref = model(x)
+            >>> fast = model.to_fast_inference()(x)
+            >>> max((a - b).abs().max().item()
+            ...     for a, b in zip(ref, fast)) < 1e-5
+            True
+        """
+        self.set_fast_layers(enable)
+        return self.to(memory_format=torch.channels_last
+                       if enable else torch.contiguous_format)
+
     def prepare_export(self) -> None:
         """Family hook: make the forward traceable for ONNX export, in place
         and without changing its outputs (called by
-        :func:`vb_plugin.deploy.export_onnx` on an eval-mode copy)."""
+        :func:`vb_plugin.deploy.export_onnx` on an eval-mode copy). By
+        default the fast layers (:meth:`set_fast_layers`) are exported."""
+        self.set_fast_layers(True)
+
+    # ------------------------------------------------------------------
+    # Layer-wise learning-rate decay (VBLayerDecayOptimizerConstructor).
+    @property
+    def lr_decay_num_layers(self) -> Optional[int]:
+        """Family hook: ``paramwise_cfg['num_layers']`` of layer-wise
+        learning-rate decay for this architecture (layer ids run from 0,
+        the stem, to ``num_layers + 1``, everything after the backbone);
+        None for a family without layer-wise decay (the default)."""
+        return None
+
+    def lr_decay_layer_id(self, name: str) -> int:
+        """Family hook: the layer id of parameter ``name`` (relative to the
+        backbone) for layer-wise decay, in ``0 .. lr_decay_num_layers +
+        1``.
+
+        Raises:
+            ValueError: For a family without layer-wise decay (the
+                default).
+        """
+        raise self.no_layer_decay()
+
+    def no_layer_decay(self) -> ValueError:
+        """The error for layer-wise decay on a family without it (a family
+        hook: VBTimmBackbone names the models that have it)."""
+        return ValueError(
+            f'{self.describe()} has no layer-wise learning-rate decay '
+            '(lr_decay_num_layers is None): use another optimizer '
+            'constructor, or a family that numbers its layers '
+            '(VBConvNeXt, a ViT-style VBTimmBackbone)')
+
+    def layer_decay_paramwise_cfg(self, decay_rate: float = 0.95) -> dict:
+        """``paramwise_cfg`` for layer-wise decay
+        (``VBLayerDecayOptimizerConstructor`` or mmdet's), with
+        ``num_layers`` taken from this architecture.
+
+        Raises:
+            ValueError: For a family without layer-wise decay.
+
+        Example:
+            >>> from vb_plugin import VBConvNeXt
+            >>> VBConvNeXt(arch='small').layer_decay_paramwise_cfg()
+            {'decay_rate': 0.95, 'decay_type': 'layer_wise', 'num_layers': 12}
+        """
+        if self.lr_decay_num_layers is None:
+            raise self.no_layer_decay()
+        return dict(decay_rate=decay_rate, decay_type='layer_wise',
+                    num_layers=self.lr_decay_num_layers)
 
     def init_default_weights(self) -> None:
         """Family hook run after the default init (e.g. zero-init residuals).

@@ -29,7 +29,6 @@ from torch import nn
 
 from ..layers import check_norm_cfg
 from ..weights.convnext import CONVNEXT_SOURCES
-from ..checks import check_int
 from .base import OptConfigType, VBBackbone
 
 
@@ -177,7 +176,7 @@ class ConvNeXtBlock(nn.Module):
       and the official code).
     * ``conv_mlp=True``: the same weights used as 1x1 convolutions on NCHW.
       In ``channels_last`` memory this needs no copies and is the faster
-      inference form (see :meth:`VBConvNeXt.to_fast_inference`); it is also
+      inference form (:meth:`VBConvNeXt.set_fast_layers`); it is also
       the form a norm other than LayerNorm (e.g. BN) needs.
 
     Args:
@@ -336,7 +335,7 @@ class VBConvNeXt(VBBackbone):
         if use_grn is None:
             use_grn = version == 'v2'
         check_norm_cfg(norm_cfg, 'norm_cfg')
-        self.in_channels = check_int('in_channels', in_channels, minimum=1)
+        self.in_channels = in_channels
         self.norm_cfg = copy.deepcopy(norm_cfg)
         self.drop_path_rate = float(drop_path_rate)
         self.layer_scale_init_value = float(layer_scale_init_value)
@@ -347,7 +346,6 @@ class VBConvNeXt(VBBackbone):
             stage_strides=(4, 8, 16, 32),
             out_norm_cfg=out_norm_cfg,
             **kwargs)
-        self.fast_inference = False
 
     # ------------------------------------------------------------------
     # Architecture.
@@ -382,59 +380,26 @@ class VBConvNeXt(VBBackbone):
         return modules
 
     # ------------------------------------------------------------------
-    # Faster inference form.
-    def to_fast_inference(self, enable: bool = True) -> 'VBConvNeXt':
-        """Compute every block's MLP as 1x1 convs in ``channels_last``.
-
-        The parameters and state-dict keys do not change; outputs agree with
-        the default form to float rounding. ``enable=False`` goes back.
-
-        Returns:
-            VBConvNeXt: ``self``.
+    # Faster layers (the contract's hook).
+    def set_fast_layers(self, enable: bool = True) -> None:
+        """Every block's MLP as 1x1 convs (``conv_mlp``): faster in
+        ``channels_last`` and in ONNX Runtime (measured on ConvNeXt-T at
+        640x640, 2 threads, interleaved medians: ONNX Runtime fp32 400 vs
+        437 ms and int8 216 vs 263 ms for the Linear form; OpenVINO fp32,
+        bf16 and int8 within 2%).
 
         Example:
             >>> model = VBConvNeXt(arch=dict(depths=[1, 1, 1, 1],
             ...                    channels=[8, 16, 32, 64])).eval()
-            >>> x = torch.rand(1, 3, 64, 64)
-            >>> ref = model(x)
-            >>> fast = model.to_fast_inference()(x)
-            >>> max((a - b).abs().max().item()
-            ...     for a, b in zip(ref, fast)) < 1e-5
-            True
-        """
-        self._use_conv_mlp(enable)
-        self.fast_inference = bool(enable)
-        return self.to(memory_format=torch.channels_last
-                       if enable else torch.contiguous_format)
-
-    def prepare_export(self) -> None:
-        """Export the block MLPs as 1x1 convs (the :meth:`to_fast_inference`
-        form, in the default memory format).
-
-        Measured on ConvNeXt-T at 640x640, 2 threads, interleaved medians:
-        ONNX Runtime fp32 400 vs 437 ms and int8 216 vs 263 ms for the
-        Linear form; OpenVINO fp32, bf16 and int8 within 2%.
-
-        Example:
-            >>> model = VBConvNeXt(arch=dict(depths=[1, 1, 1, 1],
-            ...                    channels=[8, 16, 32, 64])).eval()
-            >>> model.prepare_export()
+            >>> model.set_fast_layers()
             >>> all(m.conv_mlp for m in model.modules()
             ...     if isinstance(m, ConvNeXtBlock))
             True
         """
-        self._use_conv_mlp(True)
-
-    def _use_conv_mlp(self, enable: bool) -> None:
         # NOTE: blocks whose LayerNorm runs on NCHW have only the conv form.
         for block in self.modules():
             if isinstance(block, ConvNeXtBlock):
                 block.conv_mlp = enable or not block.ln_channels_last
-
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast_inference:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return super().forward_stem(x)
 
     # ------------------------------------------------------------------
     # Layer-wise learning-rate decay (mmdet's ConvNeXt constructor).
@@ -463,17 +428,6 @@ class VBConvNeXt(VBBackbone):
             import get_layer_id_for_convnext
         return get_layer_id_for_convnext(f'backbone.{name}',
                                          self.lr_decay_num_layers)
-
-    def layer_decay_paramwise_cfg(self, decay_rate: float = 0.95) -> dict:
-        """``paramwise_cfg`` for mmdet's layer-wise decay constructor, with
-        ``num_layers`` taken from this architecture.
-
-        Example:
-            >>> VBConvNeXt(arch='small').layer_decay_paramwise_cfg()
-            {'decay_rate': 0.95, 'decay_type': 'layer_wise', 'num_layers': 12}
-        """
-        return dict(decay_rate=decay_rate, decay_type='layer_wise',
-                    num_layers=self.lr_decay_num_layers)
 
     def init_default_weights(self) -> None:
         for m in self.modules():

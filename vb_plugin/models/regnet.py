@@ -447,7 +447,7 @@ class VBRegNet(VBBackbone):
                  zero_init_residual: bool = True,
                  **kwargs) -> None:
         self.arch = resolve_arch(arch)
-        check_int('in_channels', in_channels, minimum=1)
+        self.in_channels = in_channels
         check_int('stem_channels', stem_channels, minimum=1)
         stages = derive_stages(self.arch)
         if not 1 <= len(stages.widths) <= 4:
@@ -457,7 +457,6 @@ class VBRegNet(VBBackbone):
                 '4 stages (strides 4 to 32)')
         self.stage_blocks = stages.depths
         self.group_widths = stages.group_widths
-        self.in_channels = in_channels
         self.stem_channels = stem_channels
         check_norm_cfg(norm_cfg, 'norm_cfg')
         self.conv_cfg = copy.deepcopy(conv_cfg)

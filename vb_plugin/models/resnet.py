@@ -157,7 +157,7 @@ class VBResNet(VBBackbone):
         if style not in ('pytorch', 'caffe'):
             raise ValueError(f"style={style!r} is not valid; use 'pytorch' "
                              "or 'caffe'")
-        check_int('in_channels', in_channels, minimum=1)
+        self.in_channels = in_channels
         check_int('base_channels', base_channels, minimum=1)
         if stem_channels is not None:
             check_int('stem_channels', stem_channels, minimum=2)
@@ -166,7 +166,6 @@ class VBResNet(VBBackbone):
             raise ValueError(f'dcn is only supported for Bottleneck depths '
                              f'(50, 101, 152), got depth={depth}')
         self.depth = depth
-        self.in_channels = in_channels
         self.base_channels = base_channels
         self.stem_channels = stem_channels or base_channels
         self.strides = _check_per_stage(

@@ -30,7 +30,6 @@ from timm.models import model_entrypoint, split_model_name_tag
 from timm.models._features import FeatureGetterNet
 from torch import nn
 
-from ...checks import check_int
 from ...layers.pyramid import (PYRAMID_STRIDES, crop_to_stride,
                                pyramid_channels, resample_to_stride16,
                                rescaled_channels)
@@ -145,7 +144,7 @@ class VBTimmBackbone(VBBackbone):
         if levels not in LEVEL_MODES:
             raise ValueError(f'levels={levels!r} is not valid; use one of '
                              f'{LEVEL_MODES}')
-        check_int('in_channels', in_channels, minimum=1)
+        self.in_channels = in_channels
         model_kwargs = dict(model_kwargs or {})
         reserved = sorted(set(model_kwargs) & set(RESERVED_KWARGS))
         if reserved:
@@ -162,7 +161,6 @@ class VBTimmBackbone(VBBackbone):
             model_kwargs['drop_path_rate'] = drop_path_rate
         self.model_name = model_name
         self.levels = levels
-        self.in_channels = int(in_channels)
         self.output_stride = output_stride
         self.timm_module = model_entrypoint(
             split_model_name_tag(model_name)[0]).__module__.rpartition('.')[2]
@@ -543,25 +541,25 @@ class VBTimmBackbone(VBBackbone):
 
     # ------------------------------------------------------------------
     # Layer-wise learning-rate decay (ViT-style models).
-    def _blocks(self) -> nn.Module:
-        model = getattr(self.body, 'model', None)
-        blocks = getattr(model, 'blocks', None)
-        if not isinstance(self.body, FeatureGetterNet) or blocks is None:
-            raise AttributeError(
-                f'layer-wise lr decay by block is for single-scale models '
-                f'(ViT-style); {self.model_name!r} has no blocks list')
-        return blocks
-
     @property
-    def lr_decay_num_layers(self) -> int:
+    def lr_decay_num_layers(self) -> Optional[int]:
         """``paramwise_cfg['num_layers']`` of layer-wise decay for a
-        ViT-style model: its number of (built) blocks.
+        ViT-style model: its number of (built) blocks; None for other
+        models (no blocks list).
 
         Example:
             >>> VBTimmBackbone('vit_tiny_patch16_224').lr_decay_num_layers
             12
         """
-        return len(self._blocks())
+        blocks = getattr(getattr(self.body, 'model', None), 'blocks', None)
+        if not isinstance(self.body, FeatureGetterNet) or blocks is None:
+            return None
+        return len(blocks)
+
+    def no_layer_decay(self) -> ValueError:
+        return ValueError(
+            f'layer-wise lr decay by block is for single-scale models '
+            f'(ViT-style); {self.model_name!r} has no blocks list')
 
     def lr_decay_layer_id(self, name: str) -> int:
         """Layer id of parameter ``name`` (relative to the backbone), as
@@ -576,6 +574,8 @@ class VBTimmBackbone(VBBackbone):
             [0, 4, 13]
         """
         num = self.lr_decay_num_layers
+        if num is None:
+            raise self.no_layer_decay()
         if name.startswith('body.model.blocks.'):
             return int(name.split('.')[3]) + 1
         stem = tuple(f'{n}.' for n in self.stem_module_names()) + tuple(
