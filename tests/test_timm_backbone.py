@@ -22,7 +22,6 @@ from vb_plugin import CheckpointError, VBTimmBackbone
 from vb_plugin.layers import (FrozenBatchNorm2d, FrozenBatchNormAct2d,
                               is_batch_norm)
 from vb_plugin.models.timm import plan_stages
-from vb_plugin.weights.timm import load_timm_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 MASK_RCNN = ROOT / 'configs/mask_rcnn/mask-rcnn_vb-timm-resnet50_fpn_1x_coco.py'
@@ -431,7 +430,7 @@ def test_load_report_and_detector_prefix(tmp_path):
                                for k, v in full.state_dict().items()}},
                path)
     model = VBTimmBackbone('resnet10t', out_indices=(0, 1))
-    report = load_timm_pretrained(model, path, verbose=False)
+    report = vb_plugin.load_pretrained(model, path, verbose=False)
     assert report.source == 'timm' and report.prefix == 'backbone.'
     assert report.container == 'state_dict'
     assert report.dropped['classifier head and layers outside the '
@@ -465,7 +464,7 @@ def test_load_is_strict(tmp_path):
                            r"VBTimmBackbone\('resnet10t'\); timm's strict "
                            r'load into the full model failed(.|\n)*'
                            + message):
-            load_timm_pretrained(model, path, verbose=False)
+            vb_plugin.load_pretrained(model, path, verbose=False)
         for k, v in model.state_dict().items():
             assert torch.equal(v, before[k]), k
 
@@ -495,7 +494,7 @@ def test_official_layout_goes_through_timm_filter_fn(tmp_path):
     path = tmp_path / 'convnext_atto_official.pth'
     torch.save({'model': official}, path)
     model = VBTimmBackbone('convnext_atto')
-    report = load_timm_pretrained(model, path, verbose=False)
+    report = vb_plugin.load_pretrained(model, path, verbose=False)
     assert report.source == 'timm' and report.container == 'model'
     assert report.dropped == {
         'classifier head and layers outside the features':
@@ -526,7 +525,7 @@ def test_load_refuses_pickled_code(tmp_path):
         pickle.dump({'state_dict': _Evil()}, f)
     with pytest.raises(CheckpointError, match=r'refused to read .* with '
                        r'weights_only=True'):
-        load_timm_pretrained(VBTimmBackbone('resnet10t'), path)
+        vb_plugin.load_pretrained(VBTimmBackbone('resnet10t'), path)
 
 
 def test_load_pretrained_takes_both_timm_layouts(tmp_path):
@@ -564,7 +563,7 @@ def test_safetensors_file(tmp_path, save_state):
     full = timm.create_model('mobilenetv3_small_050')
     path = save_state(full.state_dict(), 'w.safetensors')
     model = VBTimmBackbone('mobilenetv3_small_050')
-    report = load_timm_pretrained(model, path, verbose=False)
+    report = vb_plugin.load_pretrained(model, path, verbose=False)
     assert report.source == 'timm'
     assert torch.equal(model.body.conv_stem.weight, full.conv_stem.weight)
 

@@ -10,7 +10,7 @@ import timm
 import torch
 from conftest import checked_train_step, max_abs_diff
 
-from vb_plugin import VBTimmBackbone
+from vb_plugin import VBTimmBackbone, load_pretrained
 
 TOL = 1e-5
 #: Small widths and depths of the families detection users ask for.
@@ -177,13 +177,12 @@ def test_filled_pyramid_keeps_the_models_levels_and_makes_the_missing(
     are reported as such); a finer one is its nearest coarser level through
     2x2 transposed convs (each halving the channels); a coarser one than 32
     is not built."""
-    from vb_plugin.weights.timm import load_timm_pretrained
     src = timm.create_model(name, pretrained=False)
     path = tmp_path / 'w.pth'
     torch.save(src.state_dict(), path)
     model = VBTimmBackbone(name)
     assert model.pyramid_kind == 'fill'
-    report = load_timm_pretrained(model, path, verbose=False)
+    report = load_pretrained(model, path, verbose=False)
     assert all(k.startswith('pyramid.') for k in report.kept_initial)
     assert len(report.kept_initial) == 2 * sum(
         s for s in steps) + 2 * sum(s > 1 for s in steps)
@@ -307,8 +306,7 @@ def test_weights_from_224_run_at_detection_sizes(tmp_path):
     torch.save(src.state_dict(), path)
     model = VBTimmBackbone(name, model_kwargs=kwargs, init_cfg=dict(
         type='Pretrained', checkpoint=str(path)))
-    from vb_plugin.weights.timm import load_timm_pretrained
-    report = load_timm_pretrained(model, path, verbose=False)
+    report = load_pretrained(model, path, verbose=False)
     assert report.kept_initial and all(k.startswith('pyramid.')
                                        for k in report.kept_initial)
     model.init_weights()

@@ -13,8 +13,6 @@ A form replaces the backbone (``part='backbone'``) or backbone and neck
 :func:`vb_plugin.optimize_for_inference`.
 """
 import copy
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -70,11 +68,8 @@ def _state_into(detector: nn.Module, state: Dict[str, torch.Tensor]) -> None:
                            f'{unexpected[:5]}')
     backbone = {k: v for k, v in state.items() if k.startswith('backbone.')}
     if hasattr(detector.backbone, 'weight_sources'):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, 'backbone.pth')
-            torch.save(backbone, path)
-            load_pretrained(detector.backbone, path, source='mmdet',
-                            verbose=False)
+        load_pretrained(detector.backbone, backbone, source='mmdet',
+                        verbose=False)
     else:
         detector.backbone.load_state_dict(
             {k[len('backbone.'):]: v for k, v in backbone.items()})

@@ -19,7 +19,7 @@ mmpretrain+mmdet load as the last output norm.
 """
 import torch
 
-from .rules import WeightSource
+from .rules import HF_BLOCK, WeightSource, hf_source
 
 
 def _vector(value: torch.Tensor) -> torch.Tensor:
@@ -42,28 +42,23 @@ _RESHAPES = (
 )
 
 
-_HF_LAYER = r'^encoder\.stages\.(\d+)\.layers\.(\d+)\.'
-
 CONVNEXT_SOURCES = (
-    WeightSource(
-        name='hf',
-        description='HF transformers ConvNextModel, ConvNextBackbone, '
+    hf_source(
+        r'convnext(v2)?', 'HF transformers ConvNextModel, ConvNextBackbone, '
         'ConvNextForImageClassification or their ConvNextV2 forms',
-        detect=r'^(convnext(v2)?\.)?embeddings\.patch_embeddings\.weight$',
-        aliases=('transformers', 'huggingface'),
-        drop=(r'^classifier\.', r'^(convnext(v2)?\.)?layernorm\.'),
+        detect=r'embeddings\.patch_embeddings\.weight$',
+        drop=(r'^(convnext(v2)?\.)?layernorm\.', ),
         rules=(
-            (r'^convnext(v2)?\.', ''),
             (r'^embeddings\.patch_embeddings\.', 'downsample_layers.0.0.'),
             (r'^embeddings\.layernorm\.', 'downsample_layers.0.1.'),
             (r'^encoder\.stages\.(\d+)\.downsampling_layer\.(\d)\.',
              r'downsample_layers.\1.\2.'),
-            (_HF_LAYER + r'dwconv\.', r'stages.\1.\2.depthwise_conv.'),
-            (_HF_LAYER + r'layernorm\.', r'stages.\1.\2.norm.'),
-            (_HF_LAYER + r'pwconv(\d)\.', r'stages.\1.\2.pointwise_conv\3.'),
-            (_HF_LAYER + r'layer_scale_parameter$', r'stages.\1.\2.gamma'),
-            (_HF_LAYER + r'grn\.weight$', r'stages.\1.\2.grn.gamma'),
-            (_HF_LAYER + r'grn\.bias$', r'stages.\1.\2.grn.beta'),
+            (HF_BLOCK + r'dwconv\.', r'stages.\1.\2.depthwise_conv.'),
+            (HF_BLOCK + r'layernorm\.', r'stages.\1.\2.norm.'),
+            (HF_BLOCK + r'pwconv(\d)\.', r'stages.\1.\2.pointwise_conv\3.'),
+            (HF_BLOCK + r'layer_scale_parameter$', r'stages.\1.\2.gamma'),
+            (HF_BLOCK + r'grn\.weight$', r'stages.\1.\2.grn.gamma'),
+            (HF_BLOCK + r'grn\.bias$', r'stages.\1.\2.grn.beta'),
             (r'^hidden_states_norms\.stage(\d)\.',
              lambda m: f'out_norms.{int(m[1]) - 1}.'),
         ),

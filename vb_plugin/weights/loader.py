@@ -1,7 +1,8 @@
 """Strict, explained loading of pretrained weights into a VB backbone."""
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 from mmengine.logging import print_log
@@ -12,6 +13,8 @@ from .io import (CheckpointError, PathLike, extract_state_dict,
 from .rules import select_source
 
 _SHOW = 12
+#: How reports and errors name a checkpoint given as a dict.
+IN_MEMORY = '<in memory>'
 
 
 @dataclass
@@ -78,14 +81,15 @@ def _select_prefix(state: Dict[str, torch.Tensor], prefix: Optional[str],
 
 
 def load_pretrained(model: nn.Module,
-                    checkpoint: PathLike,
+                    checkpoint: Union[PathLike, Mapping],
                     source: str = 'auto',
                     prefix: Optional[str] = None,
                     verbose: bool = True) -> LoadReport:
     """Load a checkpoint from any supported ecosystem into a VB backbone.
 
-    The file is read safely (``weights_only=True`` or safetensors), the
-    state dict is found inside it, a ``backbone.`` prefix is selected when
+    The file is read safely (``weights_only=True`` or safetensors), or an
+    in-memory checkpoint is taken as it is; the state dict is found inside
+    it, a ``backbone.`` prefix is selected when
     present (detector and mmpretrain checkpoints), the layout is recognised
     from its keys and renamed onto the model. Loading is strict: every model
     tensor must come from the checkpoint (except the model's declared new
@@ -97,8 +101,11 @@ def load_pretrained(model: nn.Module,
 
     Args:
         model (VBBackbone): The backbone.
-        checkpoint (str | Path): A local file, or a ``torchvision://`` or
-            URL address already in torch's hub cache.
+        checkpoint (str | Path | Mapping): A local file, a
+            ``torchvision://`` or URL address already in torch's hub cache,
+            or a checkpoint in memory (a state dict, or a dict holding one
+            under ``state_dict``, ``model``, ...), reported as
+            ``'<in memory>'``.
         source (str): 'auto' or a layout name such as 'torchvision', 'timm',
             'hf', 'mmdet'. Defaults to 'auto'.
         prefix (str, optional): Keep only keys under this prefix (stripped).
@@ -120,6 +127,10 @@ def load_pretrained(model: nn.Module,
         >>> report = load_pretrained(VBResNet(depth=18), path, verbose=False)
         >>> report.source, len(report.loaded), report.dropped
         ('mmdet', 120, {'classifier head': ['fc.weight', 'fc.bias']})
+        >>> state = torchvision.models.resnet18().state_dict()
+        >>> report = load_pretrained(VBResNet(depth=18), state, verbose=False)
+        >>> report.checkpoint
+        '<in memory>'
     """
     # NOTE: getattr: any module declaring weight_sources loads, not only
     # VBBackbone subclasses (which declare it, empty by default).
@@ -127,7 +138,11 @@ def load_pretrained(model: nn.Module,
     if not sources:
         raise CheckpointError(f'{type(model).__name__} declares no '
                               'weight_sources to convert checkpoints with')
-    state, container = extract_state_dict(read_checkpoint(checkpoint))
+    if isinstance(checkpoint, Mapping):
+        state, container = extract_state_dict(checkpoint)
+        checkpoint = IN_MEMORY
+    else:
+        state, container = extract_state_dict(read_checkpoint(checkpoint))
     dropped: Dict[str, List[str]] = {}
     state, prefix = _select_prefix(state, prefix, dropped)
     layout = select_source(sources, list(state), source)

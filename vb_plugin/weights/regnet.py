@@ -7,7 +7,7 @@ pycls (``s{i}.b{j}.f.a``, ``a_bn``, ``se.f_ex``, ``proj``/``bn``), timm
 .f.a.0``) and HF transformers (``encoder.stages.{i}.layers.{j}.layer.{k}``)
 are renamed. pycls and timm count blocks from 1, mmdet from 0.
 """
-from .rules import WeightSource, stage_plus_one
+from .rules import HF_BLOCK, WeightSource, hf_source, stage_plus_one
 
 _CONV_NORM = (r'\.f\.([abc])\.0\.', r'\.f\.([abc])\.1\.')
 
@@ -21,21 +21,23 @@ def _block_from_one(m) -> str:
     return f'layer{m[1]}.{int(m[2]) - 1}.'
 
 
-_HF_BLOCK = r'^encoder\.stages\.(\d+)\.layers\.(\d+)\.'
+#: pycls's stem and block names, which timm keeps: ``stem.conv``/``stem.bn``
+#: and ``s{i}.b{j}`` (blocks from 1).
+_PYCLS_STEM_AND_BLOCKS = (
+    (r'^stem\.conv\.', 'conv1.'),
+    (r'^stem\.bn\.', 'bn1.'),
+    (r'^s(\d+)\.b(\d+)\.', _block_from_one),
+)
 
 REGNET_SOURCES = (
-    WeightSource(
-        name='hf',
-        description='HF transformers RegNetModel or '
+    hf_source(
+        'regnet', 'HF transformers RegNetModel or '
         'RegNetForImageClassification',
-        detect=r'^(regnet\.)?embedder\.embedder\.convolution\.weight$',
-        aliases=('transformers', 'huggingface'),
-        drop=(r'^classifier\.', ),
+        detect=r'embedder\.embedder\.convolution\.weight$',
         rules=(
-            (r'^regnet\.', ''),
             (r'^embedder\.embedder\.convolution\.', 'conv1.'),
             (r'^embedder\.embedder\.normalization\.', 'bn1.'),
-            (_HF_BLOCK, stage_plus_one('layer{}.{}.')),
+            (HF_BLOCK, stage_plus_one('layer{}.{}.')),
             (r'\.shortcut\.convolution\.', '.downsample.0.'),
             (r'\.shortcut\.normalization\.', '.downsample.1.'),
             # RegNetX: layer.0..2 are the three convs; RegNetY puts the SE
@@ -69,9 +71,7 @@ REGNET_SOURCES = (
         detect=r'^s1\.b1\.conv1\.conv\.weight$',
         drop=(r'^head\.', ),
         rules=(
-            (r'^stem\.conv\.', 'conv1.'),
-            (r'^stem\.bn\.', 'bn1.'),
-            (r'^s(\d+)\.b(\d+)\.', _block_from_one),
+            *_PYCLS_STEM_AND_BLOCKS,
             (r'\.conv(\d)\.conv\.', r'.conv\1.'),
             (r'\.conv(\d)\.bn\.', r'.bn\1.'),
             (r'\.downsample\.conv\.', '.downsample.0.'),
@@ -83,9 +83,7 @@ REGNET_SOURCES = (
         detect=r'^s1\.b1\.f\.a\.weight$',
         drop=(r'^head\.', ),
         rules=(
-            (r'^stem\.conv\.', 'conv1.'),
-            (r'^stem\.bn\.', 'bn1.'),
-            (r'^s(\d+)\.b(\d+)\.', _block_from_one),
+            *_PYCLS_STEM_AND_BLOCKS,
             (r'^(layer\d+\.\d+)\.proj\.', r'\1.downsample.0.'),
             (r'^(layer\d+\.\d+)\.bn\.', r'\1.downsample.1.'),
             (r'\.f\.([abc])_bn\.', _abc('bn')),

@@ -4,29 +4,23 @@ torchvision, timm (plain stem), mmpretrain and mmdet already use mmdet's
 names; timm's deep-stem variants (``resnet50d`` ...) and HF transformers need
 renames.
 """
-from .rules import WeightSource, stage_plus_one
-
-_HF_STAGE = r'^encoder\.stages\.(\d+)\.layers\.(\d+)\.'
+from .rules import HF_BLOCK, WeightSource, hf_source, stage_plus_one
 
 RESNET_SOURCES = (
-    WeightSource(
-        name='hf',
-        description='HF transformers ResNetModel, ResNetBackbone or '
+    hf_source(
+        'resnet', 'HF transformers ResNetModel, ResNetBackbone or '
         'ResNetForImageClassification',
-        detect=r'^(resnet\.)?embedder\.embedder\.convolution\.weight$',
-        aliases=('transformers', 'huggingface'),
-        drop=(r'^classifier\.', ),
+        detect=r'embedder\.embedder\.convolution\.weight$',
         rules=(
-            (r'^resnet\.', ''),
             (r'^embedder\.embedder\.convolution\.', 'conv1.'),
             (r'^embedder\.embedder\.normalization\.', 'bn1.'),
-            (_HF_STAGE + r'shortcut\.convolution\.',
+            (HF_BLOCK + r'shortcut\.convolution\.',
              stage_plus_one('layer{}.{}.downsample.0.')),
-            (_HF_STAGE + r'shortcut\.normalization\.',
+            (HF_BLOCK + r'shortcut\.normalization\.',
              stage_plus_one('layer{}.{}.downsample.1.')),
-            (_HF_STAGE + r'layer\.(\d)\.convolution\.',
+            (HF_BLOCK + r'layer\.(\d)\.convolution\.',
              lambda m: f'layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}.'),
-            (_HF_STAGE + r'layer\.(\d)\.normalization\.',
+            (HF_BLOCK + r'layer\.(\d)\.normalization\.',
              lambda m: f'layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}.'),
         )),
     WeightSource(

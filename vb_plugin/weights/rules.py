@@ -84,6 +84,36 @@ class WeightSource:
         return out, dropped
 
 
+#: Other names a user may give as ``source`` for HF transformers layouts.
+HF_ALIASES = ('transformers', 'huggingface')
+
+#: HF transformers' prefix of block ``j`` of stage ``i`` (ResNet, RegNet,
+#: ConvNeXt): ``encoder.stages.{i}.layers.{j}.``.
+HF_BLOCK = r'^encoder\.stages\.(\d+)\.layers\.(\d+)\.'
+
+
+def hf_source(model: str, description: str, detect: str,
+              rules: Tuple[Tuple[str, Replacement], ...] = (),
+              drop: Tuple[str, ...] = (),
+              reshape: tuple = ()) -> WeightSource:
+    """The layout of an HF transformers family: the bare model, its
+    backbone or its classifier, whose keys sit under ``{model}.`` (a
+    regex; the prefix is removed before ``rules``) and whose head is
+    ``classifier.`` (dropped, with ``drop``).
+
+    Example:
+        >>> src = hf_source('resnet', 'HF ResNet', detect='embedder.conv$')
+        >>> src.matches(['resnet.embedder.conv']), src.convert(
+        ...     {'resnet.embedder.conv': 1, 'classifier.1.weight': 2})
+        (True, ({'embedder.conv': 1}, ['classifier.1.weight']))
+    """
+    return WeightSource(
+        name='hf', description=description,
+        detect=rf'^({model}\.)?{detect}', aliases=HF_ALIASES,
+        drop=(r'^classifier\.', *drop),
+        rules=((rf'^{model}\.', ''), *rules), reshape=reshape)
+
+
 def stage_plus_one(template: str) -> Callable[['re.Match'], str]:
     """A replacement that writes group 1 plus one, e.g. 0-based stages into
     mmdet's 1-based ``layer{n}`` names.

@@ -18,11 +18,9 @@ from timm.models._features import (FeatureDictNet, FeatureGetterNet,
                                    FeatureHookNet, _module_list)
 from torch import nn
 
-from .io import CheckpointError, PathLike
-from .loader import LoadReport, load_pretrained
+from .io import CheckpointError
 from .rules import WeightSource
 
-SOURCES = ('auto', 'timm', 'vb-timm')
 _OWN = ('body.', 'out_norms.')
 
 #: A VBTimmBackbone's own state dict (keys under ``body.``).
@@ -160,45 +158,3 @@ class TimmLayout:
         if not_built:
             out['stage not built (past the last out_indices)'] = not_built
         return out
-
-
-def load_timm_pretrained(model: nn.Module,
-                         checkpoint: PathLike,
-                         prefix: Optional[str] = None,
-                         source: str = 'auto',
-                         verbose: bool = True) -> LoadReport:
-    """:func:`vb_plugin.load_pretrained` for a :class:`VBTimmBackbone`, with
-    its two layouts named: 'timm' (:class:`TimmLayout`) or 'vb-timm' (a
-    VBTimmBackbone state dict, keys under ``body.``).
-
-    Args:
-        model (VBTimmBackbone): The backbone.
-        checkpoint (str | Path): A local file (``.pth``, ``.safetensors``
-            ...).
-        prefix (str, optional): Keep only keys under this prefix. Defaults
-            to 'backbone.' when any key has it, else none.
-        source (str): 'auto', 'timm' or 'vb-timm'. Defaults to 'auto'.
-        verbose (bool): Log the report. Defaults to True.
-
-    Returns:
-        LoadReport: What was loaded, kept and dropped.
-
-    Raises:
-        CheckpointError: If the file is refused or any tensor is missing,
-            unexpected or wrongly shaped; nothing is loaded then.
-
-    Example:
-        >>> import tempfile, timm, torch
-        >>> from vb_plugin import VBTimmBackbone
-        >>> path = tempfile.mktemp(suffix='.pth')
-        >>> torch.save(timm.create_model('resnet10t').state_dict(), path)
-        >>> model = VBTimmBackbone('resnet10t', out_indices=(0, 1))
-        >>> report = load_timm_pretrained(model, path, verbose=False)
-        >>> report.source, len(report.loaded), sorted(report.dropped)
-        ('timm', 48, ['classifier head and layers outside the features', 'stage not built (past the last out_indices)'])
-    """
-    if source not in SOURCES:
-        raise CheckpointError(f'source={source!r} is not known for '
-                              f'VBTimmBackbone; valid values are {SOURCES}')
-    return load_pretrained(model, checkpoint, source=source, prefix=prefix,
-                           verbose=verbose)
