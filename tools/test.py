@@ -3,27 +3,15 @@
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR]
         [--cfg-options k=v ...] [--launcher {none,pytorch,slurm,mpi}]
 """
-import argparse
-import os
-
-from mmengine.config import DictAction
-
 from vb_plugin.apis import build_runner, load_config, setup_runner_config
+from vb_plugin.apis.cli import parse_runner_args, runner_parser
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Test (evaluate) a detector')
-    parser.add_argument('config', help='test config file path')
+    parser = runner_parser('Test (evaluate) a detector',
+                           'test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--work-dir', help='where to save the metrics')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, key=value')
-    parser.add_argument('--launcher', default='none',
-                        choices=['none', 'pytorch', 'slurm', 'mpi'])
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    return parse_runner_args(parser, argv)
 
 
 def main(argv=None):

@@ -3,32 +3,19 @@
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
         [--cfg-options k=v ...] [--launcher {none,pytorch,slurm,mpi}]
 """
-import argparse
-import os
-
-from mmengine.config import DictAction
-
 from vb_plugin.apis import build_runner, load_config, setup_runner_config
+from vb_plugin.apis.cli import parse_runner_args, runner_parser
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Train a detector')
-    parser.add_argument('config', help='train config file path')
-    parser.add_argument('--work-dir', help='where to save logs and models')
+    parser = runner_parser('Train a detector', 'train config file path')
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
         help='resume from this checkpoint, or with no value from the latest '
         'checkpoint in the work dir')
     parser.add_argument('--amp', action='store_true',
                         help='automatic mixed precision training')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, key=value')
-    parser.add_argument('--launcher', default='none',
-                        choices=['none', 'pytorch', 'slurm', 'mpi'])
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    return parse_runner_args(parser, argv)
 
 
 def main(argv=None):

@@ -5,8 +5,7 @@ config) registers the backbones in mmengine's root ``MODELS`` registry, so
 ``backbone=dict(type='VBResNet', ...)`` builds under mmdet's default scope.
 """
 from . import engine  # noqa: F401  (registers RNGStateHook)
-from .models import (VBBackbone, VBConvNeXt, VBRegNet, VBResNet,
-                     VBTimmBackbone)
+from .models import FAMILIES, VBBackbone
 from .deploy import export_onnx
 from .inference import optimize_for_inference
 from .version import __version__
@@ -17,8 +16,11 @@ from .weights import (CheckpointError, LoadReport,
 install_safe_mmengine_loader()
 install_build_hook()
 
+# NOTE: every family (VBResNet, VBRegNet, VBConvNeXt, VBTimmBackbone, ...)
+# by its class name, as vb_plugin.models finds them.
+globals().update(FAMILIES)
+
 __all__ = [
-    'VBBackbone', 'VBConvNeXt', 'VBRegNet', 'VBResNet', 'CheckpointError',
-    'LoadReport', 'export_onnx', 'optimize_for_inference',
-    'VBTimmBackbone', 'load_pretrained', 'wire_model', '__version__'
+    'VBBackbone', *FAMILIES, 'CheckpointError', 'LoadReport', 'export_onnx',
+    'optimize_for_inference', 'load_pretrained', 'wire_model', '__version__'
 ]

@@ -3,8 +3,8 @@
 The scripts in ``tools/`` only parse arguments and call these functions.
 One job per module: :mod:`.config` (read configs, wire the neck, build the
 detector), :mod:`.runner` (the Runner set-up of the train and test tools),
-:mod:`.demo` (the toy demo) and :mod:`.synthetic` (a synthetic batch in
-mmdet's data format).
+:mod:`.demo` (the toy demo), :mod:`.synthetic` (a synthetic batch in
+mmdet's data format) and :mod:`.cli` (the arguments the tools share).
 """
 from .config import build_detector, load_config, wire_neck_channels
 from .demo import metric_lines, run_demo

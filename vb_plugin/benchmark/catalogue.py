@@ -8,8 +8,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 # NOTE: FORMS (the --forms names) is the inference path's table.
-# NOTE: FORMS (the --forms names) is the inference path's table.
 from ..inference import FORMS, check_forms
+from ..models.convnext import CONVNEXT_ARCHS
+from ..models.resnet import RESNET_ARCHS
 from .schema import Row
 
 
@@ -85,6 +86,36 @@ def _mmpretrain_convnext(arch: str) -> Callable[..., nn.Module]:
     return build
 
 
+def _resnet_peers(depth: int) -> List[Tuple[str, Callable, str]]:
+    """mmdet's, timm's and HF's ResNet of a depth, blocks and block type
+    from :data:`~vb_plugin.models.RESNET_ARCHS`."""
+    arch = RESNET_ARCHS[depth]
+    expansion = arch.block.expansion
+    return [
+        ('mmdet ResNet', _mmdet('ResNet', depth=depth), 'mmdet'),
+        (f'timm resnet{depth}', _timm(f'resnet{depth}'), 'timm'),
+        ('HF ResNetBackbone', _hf(
+            'ResNet', depths=list(arch.stage_blocks),
+            layer_type='basic' if expansion == 1 else 'bottleneck',
+            hidden_sizes=[64 * expansion * 2**i for i in range(4)]),
+         'transformers'),
+    ]
+
+
+def _convnext_peers(arch: str) -> List[Tuple[str, Callable, str]]:
+    """timm's, HF's and mmpretrain's ConvNeXt of a V1 size, widths and
+    depths from :data:`~vb_plugin.models.CONVNEXT_ARCHS`."""
+    size = CONVNEXT_ARCHS['v1'][arch]
+    return [
+        (f'timm convnext_{arch}', _timm(f'convnext_{arch}', (0, 1, 2, 3)),
+         'timm'),
+        ('HF ConvNextBackbone', _hf('ConvNext', depths=list(size.depths),
+                                    hidden_sizes=list(size.channels)),
+         'transformers'),
+        ('mmpretrain ConvNeXt', _mmpretrain_convnext(arch), 'mmpretrain'),
+    ]
+
+
 def _importable(name: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(name) is not None
@@ -94,38 +125,12 @@ def _importable(name: str) -> bool:
 #: The VB row is named after the builder's class name.
 ARCHITECTURES: Dict[str, Tuple[Callable, List[Tuple[str, Callable, str]]]]
 ARCHITECTURES = {
-    'resnet18': (_vb('VBResNet', depth=18), [
-        ('mmdet ResNet', _mmdet('ResNet', depth=18), 'mmdet'),
-        ('timm resnet18', _timm('resnet18'), 'timm'),
-        ('HF ResNetBackbone', _hf('ResNet', depths=[2, 2, 2, 2],
-                                  layer_type='basic',
-                                  hidden_sizes=[64, 128, 256, 512]),
-         'transformers'),
-    ]),
-    'resnet50': (_vb('VBResNet', depth=50), [
-        ('mmdet ResNet', _mmdet('ResNet', depth=50), 'mmdet'),
-        ('timm resnet50', _timm('resnet50'), 'timm'),
-        ('HF ResNetBackbone', _hf('ResNet', depths=[3, 4, 6, 3],
-                                  layer_type='bottleneck',
-                                  hidden_sizes=[256, 512, 1024, 2048]),
-         'transformers'),
-    ]),
-    'convnext_atto': (_vb('VBConvNeXt', arch='atto'), [
-        ('timm convnext_atto', _timm('convnext_atto', (0, 1, 2, 3)),
-         'timm'),
-        ('HF ConvNextBackbone', _hf('ConvNext', depths=[2, 2, 6, 2],
-                                    hidden_sizes=[40, 80, 160, 320]),
-         'transformers'),
-        ('mmpretrain ConvNeXt', _mmpretrain_convnext('atto'), 'mmpretrain'),
-    ]),
-    'convnext_tiny': (_vb('VBConvNeXt', arch='tiny'), [
-        ('timm convnext_tiny', _timm('convnext_tiny', (0, 1, 2, 3)),
-         'timm'),
-        ('HF ConvNextBackbone', _hf('ConvNext', depths=[3, 3, 9, 3],
-                                    hidden_sizes=[96, 192, 384, 768]),
-         'transformers'),
-        ('mmpretrain ConvNeXt', _mmpretrain_convnext('tiny'), 'mmpretrain'),
-    ]),
+    'resnet18': (_vb('VBResNet', depth=18), _resnet_peers(18)),
+    'resnet50': (_vb('VBResNet', depth=50), _resnet_peers(50)),
+    'convnext_atto': (_vb('VBConvNeXt', arch='atto'),
+                      _convnext_peers('atto')),
+    'convnext_tiny': (_vb('VBConvNeXt', arch='tiny'),
+                      _convnext_peers('tiny')),
     'regnetx_400mf': (_vb('VBRegNet', arch='regnetx_400mf'), [
         ('mmdet RegNet', _mmdet('RegNet', arch='regnetx_400mf'), 'mmdet'),
         ('timm regnetx_004', _timm('regnetx_004'), 'timm'),

@@ -55,11 +55,10 @@ def make_toy_seg(root: str,
     bytes.
 
     Args:
-        root (str): Output folder.
-        splits (dict): Split name to number of images. Defaults to
-            ``{'train': 200, 'val': 40}``.
-        size (Sequence[int]): Image (height, width). Defaults to (128, 128).
-        seed (int): Random seed. Defaults to 0.
+        root, splits, size, seed: As for
+            :func:`~vb_plugin.datasets.make_toy_coco`, with the defaults
+            ``{'train': 200, 'val': 40}`` and (128, 128); ``size`` must be
+            at least 16 on both sides.
 
     Returns:
         dict: Split name to its label-map folder.

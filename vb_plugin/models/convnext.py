@@ -31,6 +31,8 @@ from ..layers import check_norm_cfg
 from ..weights.convnext import CONVNEXT_SOURCES
 from .base import OptConfigType, VBBackbone
 
+__all__ = ['CONVNEXT_ARCHS', 'VBConvNeXt']
+
 
 @dataclass(frozen=True)
 class ConvNeXtArch:

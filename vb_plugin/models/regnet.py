@@ -39,6 +39,8 @@ from .base import OptConfigType, VBBackbone
 from .common import (CONV_BN_INIT_CFG, conv_norm_relu_stem, stem_norm_name,
                      zero_init_norm)
 
+__all__ = ['REGNET_ARCHS', 'VBRegNet']
+
 #: Block widths are quantised to multiples of this (pycls ``QUANT``).
 WIDTH_QUANT = 8
 ROUNDINGS = ('pycls', 'torchvision')

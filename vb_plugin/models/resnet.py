@@ -29,6 +29,7 @@ from .base import OptConfigType, VBBackbone
 from .common import (CONV_BN_INIT_CFG, conv_norm_relu_stem, stem_norm_name,
                      zero_init_norm)
 
+__all__ = ['DCNInputSizeError', 'RESNET_ARCHS', 'VBResNet']
 
 #: mmcv's DeformConv2dPack (DCN v1) refuses maps smaller than its kernel.
 DCN_SIZE_ERROR = 'input image is smaller than kernel'

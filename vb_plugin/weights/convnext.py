@@ -19,7 +19,7 @@ mmpretrain+mmdet load as the last output norm.
 """
 import torch
 
-from .rules import HF_BLOCK, WeightSource, hf_source
+from .rules import HF_BLOCK, WeightSource, hf_source, timm_source
 
 
 def _vector(value: torch.Tensor) -> torch.Tensor:
@@ -63,11 +63,9 @@ CONVNEXT_SOURCES = (
              lambda m: f'out_norms.{int(m[1]) - 1}.'),
         ),
         reshape=_RESHAPES),
-    WeightSource(
-        name='timm',
-        description='timm convnext_*/convnextv2_* (also features_only)',
+    timm_source(
+        'timm convnext_*/convnextv2_* (also features_only)',
         detect=r'^stem[._]0\.weight$',
-        drop=(r'^head\.', ),
         rules=(
             # features_only models flatten the first level: stem_0, stages_1
             (r'^(stem|stages)_(\d+)\.', r'\1.\2.'),

@@ -7,7 +7,8 @@ pycls (``s{i}.b{j}.f.a``, ``a_bn``, ``se.f_ex``, ``proj``/``bn``), timm
 .f.a.0``) and HF transformers (``encoder.stages.{i}.layers.{j}.layer.{k}``)
 are renamed. pycls and timm count blocks from 1, mmdet from 0.
 """
-from .rules import HF_BLOCK, WeightSource, hf_source, stage_plus_one
+from .rules import (HF_BLOCK, WeightSource, hf_source, stage_plus_one,
+                    timm_source)
 
 _CONV_NORM = (r'\.f\.([abc])\.0\.', r'\.f\.([abc])\.1\.')
 
@@ -65,11 +66,9 @@ REGNET_SOURCES = (
             (_CONV_NORM[1], _abc('bn')),
             (r'\.f\.se\.fc([12])\.', r'.se.fc\1.'),
         )),
-    WeightSource(
-        name='timm',
-        description='timm regnetx_* / regnety_*',
+    timm_source(
+        'timm regnetx_* / regnety_*',
         detect=r'^s1\.b1\.conv1\.conv\.weight$',
-        drop=(r'^head\.', ),
         rules=(
             *_PYCLS_STEM_AND_BLOCKS,
             (r'\.conv(\d)\.conv\.', r'.conv\1.'),

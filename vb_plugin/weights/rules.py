@@ -114,6 +114,22 @@ def hf_source(model: str, description: str, detect: str,
         rules=((rf'^{model}\.', ''), *rules), reshape=reshape)
 
 
+def timm_source(description: str, detect: str,
+                rules: Tuple[Tuple[str, Replacement], ...] = (),
+                reshape: tuple = ()) -> WeightSource:
+    """The layout of a timm classifier family (name ``'timm'``), whose head
+    is ``head.`` (dropped).
+
+    Example:
+        >>> src = timm_source('timm demo', detect='^stem', rules=(
+        ...     ('^stem', 'conv1'), ))
+        >>> src.convert({'stem.w': 1, 'head.fc.w': 2})
+        ({'conv1.w': 1}, ['head.fc.w'])
+    """
+    return WeightSource(name='timm', description=description, detect=detect,
+                        drop=(r'^head\.', ), rules=rules, reshape=reshape)
+
+
 def stage_plus_one(template: str) -> Callable[['re.Match'], str]:
     """A replacement that writes group 1 plus one, e.g. 0-based stages into
     mmdet's 1-based ``layer{n}`` names.
