@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .models.base import round_up_to
+from .checks import round_up_to
 
 #: The dtypes of the inference forms, by name (int8: engines only, no
 #: torch dtype).

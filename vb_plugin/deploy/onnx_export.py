@@ -26,8 +26,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..checks import round_up_to
 from ..folding import fold_batch_norms
-from ..models.base import VBBackbone, round_up_to
+from ..models.base import VBBackbone
 from ..outputs import (default_example, max_abs_difference, size_divisor,
                        tolerance_for)
 from .parts import BackboneWithNeck, check_part

@@ -16,7 +16,7 @@ import torch
 from timm.layers import to_2tuple
 from torch import nn
 
-from ..base import round_up_to
+from ...checks import round_up_to
 from .levels import feature_list
 from .positions import (PositionGrid, position_grids, relax_patch_embeds,
                         replaced, resampled_positions)
