@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 __all__ = ['OptConfigType', 'VBBackbone', 'resolve_out_indices']
 
+#: :class:`VBBackbone` parameters that a family computes and passes on
+#: itself; the others are the contract options, which every family takes.
+FAMILY_SET = ('stage_channels', 'stage_strides')
+
 
 def resolve_out_indices(out_indices: Sequence[int],
                         num_stages: int,
@@ -730,7 +734,6 @@ def _publish_contract_options(cls: type) -> None:
     base = inspect.signature(VBBackbone.__init__).parameters
     contract = [
         p.replace(kind=p.KEYWORD_ONLY) for name, p in base.items()
-        if name not in ('self', 'stage_channels', 'stage_strides')
-        and name not in names
+        if name != 'self' and name not in FAMILY_SET and name not in names
     ]
     init.__signature__ = signature.replace(parameters=own + contract)
