@@ -1,5 +1,9 @@
 """The places docs/adding_a_family.md says a family touches, checked for every
 registered family: a family missing from one of them fails here, by name.
+So is a family that is not exported (the family modules are imported
+automatically) or has no generated section in docs/reference.md or rows in
+the table of layouts of docs/pretrained.md (``tools/make_docs.py`` makes
+them).
 
 The families are found, not listed (``test_reference_docs.FAMILIES``: every
 concrete ``VBBackbone`` subclass registered in MODELS or defined in
@@ -26,7 +30,7 @@ def is_layout(source) -> bool:
     with the same interface (VBTimmBackbone's TimmLayout)."""
     return isinstance(source, WeightSource) or all(
         hasattr(source, a) for a in ('name', 'aliases', 'description',
-                                     'matches', 'convert',
+                                     'detect', 'matches', 'convert',
                                      'explain_dropped', 'head_reason'))
 
 
@@ -40,9 +44,16 @@ def checklist_places():
     return places
 
 
+def generated_block(text: str, key: str) -> str:
+    """The text between ``<!-- generated: key -->`` and its end marker."""
+    m = re.search(rf'^<!-- generated: {re.escape(key)} -->$(.*?)'
+                  r'^<!-- end generated -->$', text, re.M | re.S)
+    return m[1] if m else ''
+
+
 def test_checklist_names_existing_places():
     places = checklist_places()
-    assert len(places) == 8, places
+    assert len(places) == 4, places
     for place in places:
         path = ROOT / place.replace('<family>.py', '')
         assert path.exists(), f'docs/adding_a_family.md names {place}'
@@ -61,25 +72,30 @@ def test_family_is_in_every_place(cls):
                        'vb_plugin/models/<family>.py')
     for module in (vb_plugin.models, vb_plugin):
         if name not in module.__all__ or getattr(module, name) is not cls:
-            missing.append(f'2: not exported by {module.__name__}')
+            missing.append(f'1: not exported by {module.__name__}')
     if name not in BACKBONE_CASES:
-        missing.append('4: no cases in tests/backbone_cases.py')
+        missing.append('3: no cases in tests/backbone_cases.py')
+    reference = REFERENCE.read_text()
     try:
-        option_table(REFERENCE.read_text(), name)
+        option_table(reference, name)
+        if f'<!-- generated: options {name} -->' not in reference:
+            raise ValueError(f'the table of {name} is not a generated block')
     except ValueError as err:
-        missing.append(f'5: docs/reference.md: {err}')
-    pretrained = (ROOT / 'docs' / 'pretrained.md').read_text()
-    if not re.search(rf'^\| {name} \|', pretrained, re.M):
-        missing.append('6: no row in docs/pretrained.md')
+        missing.append(f'docs/reference.md: {err}; run python '
+                       'tools/make_docs.py')
+    if not re.search(rf'^\| {name} \|', generated_block(
+            (ROOT / 'docs' / 'pretrained.md').read_text(), 'layouts'), re.M):
+        missing.append('docs/pretrained.md: no row in the table of layouts; '
+                       'run python tools/make_docs.py')
     configs = [p for p in (ROOT / 'configs').rglob('*.py')
                if f"type='{name}'" in p.read_text()]
     if not configs:
-        missing.append(f"7: no config in configs/ with type='{name}'")
+        missing.append(f"4: no config in configs/ with type='{name}'")
     assert not missing, f'{name}:\n  ' + '\n  '.join(missing)
 
 
 def test_every_family_declares_its_checkpoint_layouts():
-    """Item 3, on built backbones (VBTimmBackbone's layouts depend on the
+    """Item 2, on built backbones (VBTimmBackbone's layouts depend on the
     instance): every family names at least one rule table."""
     for name, cases in BACKBONE_CASES.items():
         sources = MODELS.build(dict(type=name, **cases[0])).weight_sources

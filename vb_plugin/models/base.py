@@ -42,8 +42,12 @@ from ..layers import check_norm_cfg, freeze_batch_norms, is_batch_norm
 if TYPE_CHECKING:
     from ..weights.rules import WeightSource
 
-__all__ = ['OptConfigType', 'VBBackbone', 'check_frozen_stages',
+__all__ = ['FAMILY_SET', 'OptConfigType', 'VBBackbone', 'check_frozen_stages',
            'resolve_out_indices', 'round_up_to']
+
+#: :class:`VBBackbone` parameters that a family computes and passes on
+#: itself; the others are the contract options, which every family takes.
+FAMILY_SET = ('stage_channels', 'stage_strides')
 
 
 class VBBackbone(BaseModule, metaclass=ABCMeta):
@@ -69,28 +73,54 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
             architecture (built or not).
         stage_strides (Sequence[int]): Output stride (relative to the input)
             of every stage.
-        out_indices (Sequence[int]): Stages whose outputs are returned; 0..3
-            are the stride-4..32 stages. Defaults to (0, 1, 2, 3).
+        out_indices (Sequence[int]): Stages whose outputs are returned. 0..3
+            are the stride-4, 8, 16 and 32 stages (C2..C5) in every family.
+            Negative values count from the end. Outputs come in stage
+            order, whatever the order given. An empty sequence, an index
+            out of range or a stage named twice raises ``ValueError``; a
+            non-sequence or a non-int raises ``TypeError``. Stages after
+            the last requested one are not built. Defaults to (0, 1, 2, 3).
         frozen_stages (int): -1 freezes nothing, 0 the stem, ``k`` the stem
-            and the first ``k`` stages. Frozen parameters get
-            ``requires_grad=False`` and frozen modules stay in eval mode.
-            Defaults to -1.
-        norm_eval (bool): Keep every batch norm in eval mode during training.
-            Defaults to False.
+            and the first ``k`` stages (mmdet's meaning). Frozen parameters
+            get ``requires_grad=False`` and frozen modules stay in eval mode
+            after any ``.train()``. Valid values: -1 to the number of stages
+            of the architecture; others raise ``ValueError`` (``TypeError``
+            for a non-int). Defaults to -1.
+        norm_eval (bool): Keep every batch norm in eval mode while training:
+            torch BN and SyncBN and their subclasses (timm's
+            ``BatchNormAct2d``), and mmcv's ``SyncBatchNorm``. Only the norm
+            itself: the act and drop children of a timm norm-act layer
+            follow ``.train()``. Defaults to False.
         frozen_bn (bool): Replace the batch norms of the frozen stem and
-            stages with :class:`FrozenBatchNorm2d` (same keys, same outputs).
-            Defaults to False.
-        out_norm_cfg (dict, optional): Config of a norm applied to each
-            output, e.g. ``dict(type='LN2d')``. It is checked at construction
-            (:func:`vb_plugin.layers.check_norm_cfg`): an unknown type, and
-            ``'LN'`` (which normalises the width of NCHW maps), raise
-            ``ValueError``. Defaults to None.
-        with_cp (bool): Checkpoint the activations of every block during
-            training to save memory. Defaults to False.
-        init_cfg (dict | list[dict], optional): Initialisation config.
-            ``dict(type='Pretrained', checkpoint=PATH)`` loads through
-            :func:`vb_plugin.load_pretrained`, with the optional keys
-            ``source`` and ``prefix``. Defaults to None.
+            stages by :class:`vb_plugin.layers.FrozenBatchNorm2d` (same
+            state-dict keys, including ``num_batches_tracked``; the same
+            output as the eval-mode BN); a timm ``BatchNormAct2d`` becomes
+            ``FrozenBatchNormAct2d``, which keeps its activation. Acts only
+            on what ``frozen_stages`` freezes: with ``frozen_stages=-1`` it
+            changes nothing. A BN without affine parameters or running
+            statistics raises ``ValueError``. Defaults to False.
+        out_norm_cfg (dict, optional): mmcv norm config applied to each
+            output, e.g. ``dict(type='LN2d')``, ``dict(type='BN')``,
+            ``dict(type='GN', num_groups=32)``. Checked at construction
+            (:func:`vb_plugin.layers.check_norm_cfg`, as every family's
+            ``norm_cfg``): ``'LN'`` raises ``ValueError`` (it normalises the
+            last dimension of an NCHW map, the width: use ``'LN2d'``), so do
+            an unregistered type (the message lists the registered norm
+            types) and ``'GN'`` without ``num_groups``; a non-dict raises
+            ``TypeError``. A pretrained checkpoint need not have these
+            layers: they keep their initial values. Defaults to None.
+        with_cp (bool): Activation checkpointing per block while training:
+            same outputs and gradients, less memory. A batch norm inside a
+            checkpointed block updates its running statistics twice per
+            step (see docs/contract.md). Defaults to False.
+        init_cfg (dict | list[dict], optional): ``None`` gives the family's
+            default initialisation (:attr:`default_init_cfg`; see the
+            family's ``init_cfg``). ``dict(type='Pretrained',
+            checkpoint=PATH)``, with optional ``prefix`` and ``source``,
+            loads strictly when ``init_weights()`` runs, through
+            :func:`vb_plugin.load_pretrained` (:class:`VBTimmBackbone`:
+            through timm's loading code, see its ``init_cfg``); any other
+            key raises ``ValueError``. Defaults to None.
     """
 
     #: What the input's height and width must be multiples of (1: any size).
@@ -627,7 +657,6 @@ def _publish_contract_options(cls: type) -> None:
     base = inspect.signature(VBBackbone.__init__).parameters
     contract = [
         p.replace(kind=p.KEYWORD_ONLY) for name, p in base.items()
-        if name not in ('self', 'stage_channels', 'stage_strides')
-        and name not in names
+        if name != 'self' and name not in FAMILY_SET and name not in names
     ]
     init.__signature__ = signature.replace(parameters=own + contract)

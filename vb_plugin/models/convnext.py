@@ -264,32 +264,45 @@ class VBConvNeXt(VBBackbone):
     option of the shared contract is described in :class:`VBBackbone`.
 
     Args:
-        arch (str | dict): Size name: atto, femto, pico, nano, tiny, small,
-            base, large, xlarge (V1 only) or huge (V2 only); or a dict with
-            ``depths`` and ``channels`` (alias ``widths``), 4 ints each.
-            Defaults to 'tiny'.
-        version (str): 'v1' or 'v2' (GRN in every block, no layer scale by
-            default). Defaults to 'v1'.
+        arch (str | dict): A size: ``'atto'``, ``'femto'``, ``'pico'``,
+            ``'nano'``, ``'tiny'``, ``'small'``, ``'base'``, ``'large'``,
+            plus ``'xlarge'`` (V1 only) or ``'huge'`` (V2 only); or a dict
+            with exactly ``depths`` and ``channels`` (alias ``widths``), 4
+            positive ints each. Defaults to 'tiny'.
+        version (str): ``'v1'`` or ``'v2'``. V2 turns on GRN and turns off
+            layer scale unless ``use_grn`` / ``layer_scale_init_value`` say
+            otherwise. Defaults to 'v1'.
         in_channels (int): Input image channels. Defaults to 3.
         norm_cfg (dict): Norm of the stem, the downsampling layers and the
-            blocks. Defaults to ``dict(type='LN2d', eps=1e-6)`` (every
-            published model). A non-LayerNorm (e.g. BN) runs the blocks in
-            their 1x1-conv form.
-        drop_path_rate (float): Stochastic depth rate of the last block,
-            linear from 0 over all blocks (of the full architecture, built or
-            not). Defaults to 0.
-        layer_scale_init_value (float, optional): Initial layer scale; 0
-            disables it (no ``gamma`` parameters). Defaults to None: 1e-6 for
-            V1, 0 for V2.
-        use_grn (bool, optional): Global Response Norm in the blocks.
-            Defaults to None: True for V2, False for V1.
-        out_norm_cfg (dict, optional): Norm on each output. Defaults to
-            ``dict(type='LN2d', eps=1e-6)``, as mmpretrain's ConvNeXt and
-            HF's ConvNextBackbone do for detection; None for raw stage
-            outputs (as timm's ``features_only``).
-        out_indices, frozen_stages, norm_eval, frozen_bn, with_cp, init_cfg:
-            See :class:`VBBackbone`. ``init_cfg`` defaults to mmpretrain's
-            (truncated normal, std 0.02, for convs and linears).
+            blocks (every published model has the default); checked as
+            ``out_norm_cfg`` is (``'LN'``, which would normalise the width
+            of NCHW maps, and unregistered types raise ``ValueError``). A
+            norm other than a LayerNorm (e.g. BN) runs the blocks in their
+            1x1-conv form. Defaults to ``dict(type='LN2d', eps=1e-6)``.
+        drop_path_rate (float): Stochastic depth of the last block, rising
+            linearly from 0 over all blocks of the full architecture (built
+            or not). Must be in [0, 1). Defaults to 0.0.
+        layer_scale_init_value (float, optional): Initial layer scale.
+            ``None`` means 1e-6 for V1 and 0 for V2; 0 disables layer scale
+            (no ``gamma`` parameters). mmdet's ConvNeXt configs use 1.0.
+            Defaults to None.
+        use_grn (bool, optional): Global Response Norm in every block.
+            ``None`` means ``True`` for V2 and ``False`` for V1. Defaults to
+            None.
+        out_norm_cfg (dict, optional): See :class:`VBBackbone`. On by
+            default, as mmpretrain's ConvNeXt (with
+            ``gap_before_final_norm=False``) and HF's ``ConvNextBackbone``
+            do for detection; ``None`` gives raw stage outputs, as timm's
+            ``features_only``. Defaults to ``dict(type='LN2d', eps=1e-6)``.
+        frozen_stages (int): See :class:`VBBackbone`. The stem is
+            ``downsample_layers.0``; stage 0 is ``stages.0``, stage
+            ``i > 0`` is ``downsample_layers.i`` plus ``stages.i``.
+        norm_eval (bool): See :class:`VBBackbone`; it acts only on batch
+            norms, e.g. with ``norm_cfg=dict(type='BN')``.
+        init_cfg (dict | list[dict], optional): See :class:`VBBackbone`.
+            ``None`` is mmpretrain's init: truncated normal (std 0.02, bias
+            0) for ``Conv2d`` and ``Linear``, constant 1 for ``LayerNorm``.
+        out_indices, frozen_bn, with_cp: See :class:`VBBackbone`.
 
     Example:
         >>> import torch

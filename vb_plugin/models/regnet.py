@@ -402,25 +402,37 @@ class VBRegNet(VBBackbone):
     shared contract is described in :class:`VBBackbone`.
 
     Args:
-        arch (str | dict | RegNetCfg): A name of :data:`REGNET_ARCHS` (e.g.
-            'regnetx_3.2gf', 'regnety_800mf') or :data:`TORCHVISION_ARCHS`
-            (e.g. 'regnet_y_8gf'), or a dict with the keys of
+        arch (str | dict | RegNetCfg): A name of :data:`REGNET_ARCHS`
+            (``'regnetx_200mf'`` .. ``'regnety_32gf'``, e.g.
+            ``'regnetx_3.2gf'``) or of torchvision's names,
+            :data:`TORCHVISION_ARCHS` (``'regnet_x_400mf'`` ..
+            ``'regnet_y_128gf'``), a dict with the keys of
             :class:`RegNetCfg`: ``w0``, ``wa``, ``wm``, ``group_w``,
             ``depth`` and optionally ``bot_mul`` (1.0), ``se_ratio`` (0.0)
-            and ``rounding`` ('pycls'); mmdet's arch dicts are valid.
-        in_channels (int): Input image channels. Defaults to 3.
-        stem_channels (int): Width of the 3x3 stride-2 stem conv. Defaults
-            to 32.
-        conv_cfg (dict, optional): Convolution config. Defaults to None.
-        norm_cfg (dict): Norm config, e.g. BN, SyncBN or GN; checked by
-            :func:`vb_plugin.layers.check_norm_cfg` (no 'LN': use 'LN2d').
-            Defaults to ``dict(type='BN', requires_grad=True)``.
-        zero_init_residual (bool): Zero the last norm of each block so that
-            each residual branch starts as identity. Defaults to True.
-        out_indices, frozen_stages, norm_eval, frozen_bn, out_norm_cfg,
-        with_cp, init_cfg: See :class:`VBBackbone`. Unlike mmdet's
-            ``RegNet``, ``norm_eval`` defaults to False as in every VB
-            backbone; detection configs set it.
+            and ``rounding`` ('pycls') (mmdet's arch dicts are valid), or a
+            :class:`RegNetCfg`. It must generate 1 to 4 stages.
+        in_channels (int): Input image channels, a positive int. Defaults
+            to 3.
+        stem_channels (int): Width of the 3x3 stride-2 stem conv, a positive
+            int. Defaults to 32.
+        conv_cfg (dict, optional): mmcv convolution config. Defaults to
+            None.
+        norm_cfg (dict): mmcv norm config: BN, SyncBN, GN, ...; checked as
+            ``out_norm_cfg`` is (:func:`vb_plugin.layers.check_norm_cfg`:
+            ``'LN'`` and unregistered types raise ``ValueError``; use
+            ``'LN2d'``). Defaults to ``dict(type='BN', requires_grad=True)``.
+        zero_init_residual (bool): Zero the last norm of each block at init,
+            so each residual branch starts as identity. Defaults to True.
+        frozen_stages (int): See :class:`VBBackbone`. The stem is ``conv1``,
+            its norm and ``relu``; stage ``i`` is ``layer{i+1}``.
+        norm_eval (bool): See :class:`VBBackbone`. mmdet's ``RegNet``
+            defaults to ``True``; here it is ``False``, as in every VB
+            backbone, and detection configs set it.
+        init_cfg (dict | list[dict], optional): See :class:`VBBackbone`.
+            ``None`` is mmdet's init: Kaiming for ``Conv2d``, constant 1 for
+            batch and group norms.
+        out_indices, frozen_bn, out_norm_cfg, with_cp: See
+            :class:`VBBackbone`.
 
     Example:
         >>> import torch

@@ -76,46 +76,69 @@ class VBResNet(VBBackbone):
     :class:`VBBackbone`.
 
     Args:
-        depth (int): 18, 34, 50, 101 or 152.
+        depth (int): 18, 34, 50, 101 or 152; anything else raises
+            ``ValueError``. 18 and 34 use ``BasicBlock`` (expansion 1), the
+            others ``Bottleneck`` (expansion 4).
         in_channels (int): Input image channels. Defaults to 3.
-        stem_channels (int, optional): Stem width. Defaults to
-            ``base_channels``.
-        base_channels (int): Width of the first stage. Defaults to 64.
-        num_stages (int): Number of stages of the architecture, 1..4 (as in
-            mmdet). Defaults to 4.
+        stem_channels (int, optional): Width of the stem. ``None`` means
+            ``base_channels``. Defaults to None.
+        base_channels (int): Width of the first stage: stage ``i`` outputs
+            ``base_channels * 2**i * expansion`` channels. Defaults to 64.
+        num_stages (int): Stages of the architecture, 1 to 4 (as mmdet);
+            ``out_indices`` and ``frozen_stages`` are checked against it.
+            Defaults to 4.
         strides (Sequence[int], optional): Stride of the first block of each
-            stage. Defaults to (1, 2, 2, 2), cut to ``num_stages``.
-        dilations (Sequence[int], optional): Dilation of each stage. Defaults
-            to all 1. With ``strides=(1, 2, 1, 1)`` and
-            ``dilations=(1, 1, 2, 4)`` the output stride is 8.
+            stage, one entry per stage. ``None`` means ``(1, 2, 2, 2)`` cut
+            to ``num_stages``. ``out_strides`` follows. Defaults to None.
+        dilations (Sequence[int], optional): Dilation of each stage, one
+            entry per stage. ``None`` means all 1. With
+            ``strides=(1, 2, 1, 1)`` and ``dilations=(1, 1, 2, 4)`` the
+            output strides are ``(4, 8, 8, 8)``. Defaults to None.
         contract_dilation (bool): Halve the dilation of the first block of
-            every stage whose dilation is > 1, as mmseg's ResNet does with
-            ``contract_dilation=True`` (every mmseg ResNetV1c config, e.g.
-            DeepLabV3+ R-50-D8: stage 3 starts with dilation 1, stage 4 with
-            2). Defaults to False (mmdet's ResNet, and mmseg's own default):
-            every block gets the stage's dilation. Weights are the same
-            either way; outputs are not.
-        style (str): 'pytorch' puts the stride on the 3x3 conv, 'caffe' on
-            the first 1x1 conv. Defaults to 'pytorch'.
+            every stage whose dilation is > 1, as mmseg's ResNetV1c configs
+            do (every one sets ``contract_dilation=True``; e.g. DeepLabV3+
+            R-50-D8: stage 3 starts with dilation 1, stage 4 with 2).
+            ``False`` is mmdet's behaviour, and mmseg's own default: every
+            block gets the stage's dilation. Weights are the same either
+            way; outputs are not. Must be a bool (else ``TypeError``).
+            Defaults to False.
+        style (str): ``'pytorch'`` puts the stride on the 3x3 conv,
+            ``'caffe'`` on the first 1x1 conv; anything else raises
+            ``ValueError``. Defaults to 'pytorch'.
         deep_stem (bool): Three 3x3 convs as the stem (V1c). Defaults to
             False.
         avg_down (bool): Average pool before the shortcut conv (V1d).
             Defaults to False.
-        conv_cfg (dict, optional): Convolution config. Defaults to None.
-        norm_cfg (dict): Norm config, e.g. BN, SyncBN or GN; checked by
-            :func:`vb_plugin.layers.check_norm_cfg` (no 'LN': use 'LN2d').
-            Defaults to ``dict(type='BN', requires_grad=True)``.
+        conv_cfg (dict, optional): mmcv convolution config. Defaults to
+            None.
+        norm_cfg (dict): mmcv norm config: BN, SyncBN, GN, ...; checked as
+            ``out_norm_cfg`` is (:func:`vb_plugin.layers.check_norm_cfg`:
+            ``'LN'`` and unregistered types raise ``ValueError``; use
+            ``'LN2d'``). Defaults to ``dict(type='BN', requires_grad=True)``.
         dcn (dict, optional): Deformable conv config for the 3x3 convs, e.g.
-            ``dict(type='DCNv2', deform_groups=1)``. Bottleneck depths only.
-            mmcv's ``DCN`` (v1) needs maps of at least 3x3 in every DCN
-            stage; smaller ones raise ``ValueError`` naming the stage, the
-            sizes and the minimum input. Defaults to None.
-        stage_with_dcn (Sequence[bool], optional): Which stages use ``dcn``.
-            Defaults to all stages.
-        zero_init_residual (bool): Zero the last norm of each block so that
-            each residual branch starts as identity. Defaults to True.
-        out_indices, frozen_stages, norm_eval, frozen_bn, out_norm_cfg,
-        with_cp, init_cfg: See :class:`VBBackbone`.
+            ``dict(type='DCNv2', deform_groups=1)``. Bottleneck depths (50,
+            101, 152) only, else ``ValueError``. mmcv's ``'DCN'`` (v1) needs
+            every DCN stage to output at least 3x3 (65x65 input pixels with
+            DCN at stride 32); a smaller input raises ``ValueError`` naming
+            the stage, the sizes and the minimum (``'DCNv2'`` has no such
+            limit). The offset convs start at zero and keep their initial
+            values when an ImageNet checkpoint is loaded. Defaults to None.
+        stage_with_dcn (Sequence[bool], optional): Which stages use ``dcn``,
+            one bool per stage. ``None`` means every stage (mmdet's default,
+            ``(False, False, False, False)``, means none). Ignored without
+            ``dcn``. Defaults to None.
+        zero_init_residual (bool): Zero the last norm of each block, so each
+            residual branch starts as identity. Defaults to True.
+        frozen_stages (int): See :class:`VBBackbone`. The stem is ``conv1``,
+            its norm, ``relu`` and ``maxpool`` (``stem`` and ``maxpool``
+            with ``deep_stem``); stage ``i`` is ``layer{i+1}``.
+        norm_eval (bool): See :class:`VBBackbone`. mmdet's ``ResNet``
+            defaults to ``True``.
+        init_cfg (dict | list[dict], optional): See :class:`VBBackbone`.
+            ``None`` is mmdet's init: Kaiming for ``Conv2d``, constant 1 for
+            batch and group norms.
+        out_indices, frozen_bn, out_norm_cfg, with_cp: See
+            :class:`VBBackbone`.
 
     Example:
         >>> import torch

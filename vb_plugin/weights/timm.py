@@ -11,6 +11,7 @@ keys (``body.*``); the rest of the pipeline (reading the file safely, the
 ``backbone.`` prefix, the strict load, the :class:`LoadReport`) is the one
 every family uses.
 """
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -20,8 +21,6 @@ from torch import nn
 
 from .io import CheckpointError
 from .rules import WeightSource
-
-_OWN = ('body.', 'out_norms.')
 
 #: A VBTimmBackbone's own state dict (keys under ``body.``).
 VB_TIMM_SOURCE = WeightSource(
@@ -82,7 +81,8 @@ class TimmLayout:
     """The checkpoint layout of the timm model a VBTimmBackbone wraps.
 
     Recognised when some key is not the backbone's own (``body.*``,
-    ``out_norms.*``). Converted by timm itself (see the module docstring).
+    ``out_norms.*``): :attr:`detect`. Converted by timm itself (see the
+    module docstring).
 
     Args:
         model (VBTimmBackbone): The backbone that the checkpoint is for.
@@ -98,12 +98,14 @@ class TimmLayout:
                    'checkpoint_filter_fn converts (official releases)')
     aliases: Tuple[str, ...] = ()
     head_reason = 'classifier head and layers outside the features'
+    #: A key outside the backbone's own, as ``WeightSource.detect``.
+    detect = r'^(?!body\.|out_norms\.)'
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
     def matches(self, keys: Sequence[str]) -> bool:
-        return not all(k.startswith(_OWN) for k in keys)
+        return any(re.search(self.detect, k) for k in keys)
 
     def _full_state(self, state: Dict[str, torch.Tensor]
                     ) -> Dict[str, torch.Tensor]:

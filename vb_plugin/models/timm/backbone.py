@@ -70,55 +70,76 @@ class VBTimmBackbone(VBBackbone):
     (``features_only=True``) under the VB contract.
 
     Args:
-        model_name (str): A timm model name, e.g. 'resnet50',
-            'convnext_tiny', 'swin_tiny_patch4_window7_224'. A pretrained
-            tag ('resnet50.a1_in1k') selects that tag's config.
-        levels (str): How ``out_indices`` count. 'vb': 0..3 are the
-            stride-4..32 levels whatever timm's numbering (levels finer
-            than stride 4 go into the stem); single-scale models (ViT) get
-            four stages, the quarters of their blocks, all at the model's
-            stride. 'timm': timm's own feature levels and numbering (for
-            ResNet, 0 is the stride-2 stem). Defaults to 'vb'.
-        in_channels (int): Input channels; pretrained weights are adapted
-            by timm's ``adapt_input_conv``. Defaults to 3.
-        output_stride (int, optional): Dilate the last stages to this stride
-            (8 or 16), for models that support it; ``out_strides`` follows.
-            Defaults to None (the model's own).
-        drop_path_rate (float, optional): Stochastic depth rate, for models
-            that have it. Defaults to None (timm's default).
-        pyramid (str, optional): How a single-scale model (every level at
-            one stride: ViT, DeiT, DINOv2, EVA-02, BEiT) gives strides
-            4..32. 'simple': ViTDet's simple feature pyramid from the last
-            map, also for models with no level finer than stride 7 or
-            coarser than 16 (VOLO, Sequencer); 'multilevel': four evenly
-            spaced blocks, each resampled (BEiT, mmseg's ViT-UperNet);
-            None: the raw levels at the model's own stride. A map at
-            another stride than 16 (patch 14) is first resized to the
-            stride-16 grid. 'fill': a multi-scale model's own levels at
-            strides 4..32, the strides it lacks made from its next
-            coarser level (2x2 transposed convs), levels past 32 not
-            built (Visformer: 8, 16, 32; EfficientViT-MSRA: 16, 32, 64).
-            'auto' is 'simple' where 'simple' applies, 'fill' for
-            multi-scale models that lack some of strides 4..32 or have a
-            level past 32 (without ``output_stride``), and None for the
-            others. Defaults to 'auto'.
+        model_name (str): A name of ``timm.list_models()``, e.g.
+            ``'resnet50'``, ``'convnext_tiny'``,
+            ``'swin_tiny_patch4_window7_224'``, optionally with a
+            pretrained tag (``'resnet50.a1_in1k'``), which selects that
+            tag's config. An unknown name raises ``ValueError`` with close
+            matches; a model without ``feature_info`` raises ``ValueError``.
+        levels (str): How stages count. ``'vb'``: index 0 is timm's first
+            feature level at stride >= 4, so 0..3 are the stride-4..32
+            levels whatever timm's numbering; finer levels go into the stem;
+            single-scale models (ViT) get four stages, the quarters of their
+            blocks, all at the model's stride. ``'timm'``: one stage per
+            timm feature level, in timm's numbering (for ResNet, 0 is the
+            stride-2 stem). Defaults to 'vb'.
+        in_channels (int): Input channels, a positive int. Pretrained
+            weights are adapted by timm's ``adapt_input_conv``. Defaults to
+            3.
+        output_stride (int, optional): 8, 16 or 32: dilate the last stages,
+            for models that support it. ``None`` keeps the model's own.
+            ``out_strides`` reports the true strides. Defaults to None.
+        drop_path_rate (float, optional): Stochastic depth, passed to
+            ``timm.create_model``, for models that have it. ``None`` keeps
+            timm's default. Defaults to None.
         model_kwargs (dict, optional): Other ``timm.create_model`` keywords
-            (e.g. ``act_layer``, ``img_size``). timm's options for any
-            input size (``dynamic_img_size``, ``dynamic_img_pad``,
+            (``act_layer``, ``img_size``, ...). timm's options for any input
+            size (``dynamic_img_size``, ``dynamic_img_pad``,
             ``strict_img_size``) are set when the model takes them, unless
-            given here. Defaults to None.
-        out_indices (Sequence[int], optional): Stages to output, see
-            ``levels``. Defaults to None: every stage (0..3 for a standard
-            CNN).
-        frozen_stages, norm_eval, frozen_bn, out_norm_cfg, init_cfg: See
-            :class:`VBBackbone`. ``norm_eval`` and ``frozen_bn``
-            cover timm's ``BatchNormAct2d`` (frozen BN keeps its act).
-            ``init_cfg=dict(type='Pretrained', checkpoint=PATH)`` loads a
-            local file strictly, through timm's loading code; None keeps
-            timm's initialisation; any other ``init_cfg`` is applied by
-            mmengine on top of it.
-        with_cp (bool): Gradient checkpointing through timm's own
-            ``set_grad_checkpointing``. Defaults to False.
+            given here. The keywords the wrapper sets itself
+            (``pretrained``, ``features_only``, ``out_indices``,
+            ``in_chans``, ``num_classes``, ``feature_cls``,
+            ``pretrained_cfg_overlay``, ``output_stride``, ``scriptable``,
+            ``exportable``) raise ``ValueError``. Defaults to None.
+        pyramid (str, optional): How a single-scale model (ViT, DeiT,
+            DINOv2, EVA-02, BEiT: every level at one stride) gives strides
+            4..32: ``'simple'`` (ViTDet's simple feature pyramid from the
+            last map), ``'multilevel'`` (four evenly spaced blocks, each
+            resampled, as BEiT/mmseg's ViT-UperNet), ``None`` (the raw
+            levels at the model's stride). A map at a stride other than 16
+            (patch 14) is resized to the stride-16 grid first. ``'fill'``:
+            a multi-scale model's own levels at strides 4..32, the strides
+            it lacks made from its next coarser level (2x2 transposed
+            convs), levels past 32 not built (Visformer: 8, 16, 32;
+            EfficientViT-MSRA: 16, 32, 64). ``'auto'``: ``'simple'`` for
+            single-scale models (and those with no level finer than 7 or
+            coarser than 16: VOLO, Sequencer), ``'fill'`` for multi-scale
+            ones that lack some of strides 4..32 or have a level past 32
+            (unless ``output_stride`` is set), ``None`` for the others. On a
+            multi-scale model, ``'simple'``/``'multilevel'`` raise
+            ``ValueError`` (docs/timm.md#transformers-at-detection-sizes).
+            Defaults to 'auto'.
+        out_indices (Sequence[int], optional): See :class:`VBBackbone`, in
+            ``levels`` numbering. ``None`` means every stage (0..3 for a
+            standard CNN with ``levels='vb'``). Defaults to None.
+        frozen_stages (int): See :class:`VBBackbone`. Stage boundaries are
+            the modules that produce each timm level;
+            ``stem_module_names()`` and ``stage_module_names(i)`` list them.
+        norm_eval (bool): See :class:`VBBackbone`; covers timm's norm-act
+            layers (``BatchNormAct2d``).
+        frozen_bn (bool): See :class:`VBBackbone`; a ``BatchNormAct2d``
+            keeps its activation.
+        out_norm_cfg (dict, optional): See :class:`VBBackbone`.
+        with_cp (bool): Gradient checkpointing through timm's
+            ``set_grad_checkpointing``; models where timm has none raise
+            ``ValueError``. Defaults to False.
+        init_cfg (dict | list[dict], optional): ``None`` keeps timm's own
+            initialisation (output norms: weight 1, bias 0).
+            ``dict(type='Pretrained', checkpoint=PATH)`` loads a local file
+            strictly, through timm's loading code for timm layouts. Any
+            other ``init_cfg`` (e.g. ``dict(type='Kaiming',
+            layer='Conv2d')``) is applied by mmengine on top of timm's
+            initialisation, as in every family. Defaults to None.
 
     Example:
         >>> import torch
