@@ -5,7 +5,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 
 # NOTE: FORMS (the --forms names) is the inference path's table.
@@ -32,9 +32,25 @@ TABLE_COLUMNS = ('arch', 'name', 'median_ms', 'p10_ms', 'p90_ms',
                  'max_abs_diff', 'dtype', 'memory_format', 'threads')
 
 
+def table_columns(results: Sequence[Result]) -> Sequence[str]:
+    """:data:`TABLE_COLUMNS`, then ``amp`` and ``frozen`` where a row has
+    them (training rows).
+
+    Example:
+        >>> r = Result('a', 'm', 'vb', 'train', 10., 9., 11., 100.,
+        ...            amp='bf16')
+        >>> table_columns([r])[-1]
+        'amp'
+    """
+    extra = tuple(c for c in ('amp', 'frozen')
+                  if any(getattr(r, c) for r in results))
+    return tuple(TABLE_COLUMNS) + extra
+
+
 def format_table(results: Sequence[Result],
-                 columns: Sequence[str] = TABLE_COLUMNS) -> str:
-    """A plain-text (Markdown) table of the results.
+                 columns: Optional[Sequence[str]] = None) -> str:
+    """A plain-text (Markdown) table of the results (``columns``: default
+    :func:`table_columns`).
 
     Example:
         >>> r = Result('a', 'm', 'vb', 'backbone', 10., 9., 11., 100.)
@@ -43,6 +59,8 @@ def format_table(results: Sequence[Result],
         |------|-----------|
         | m    | 10.00     |
     """
+    if columns is None:
+        columns = table_columns(results)
     cells = [[_fmt(getattr(r, c)) for c in columns] for r in results]
     widths = [max([len(c)] + [len(row[i]) for row in cells])
               for i, c in enumerate(columns)]
@@ -127,10 +145,13 @@ def plot_results(rows: Sequence[Result], path, meta: dict) -> None:
     ax.invert_yaxis()
     ax.set_xlabel('median ms per batch (p10..p90); lower is faster')
     s = meta.get('settings', {})
+    amp = f" amp {s['amp']}" if s.get('amp') else ''
+    gpu = f" on {meta['device_name']}" if meta.get('device_name') else ''
     ax.set_title(
         f"{s.get('mode')} b{s.get('batch')} {s.get('height')}x"
-        f"{s.get('width')} {s.get('dtype')} {meta.get('threads')} threads, "
-        f"load {meta.get('load_average_start', math.nan):.2f}", fontsize=9)
+        f"{s.get('width')} {s.get('dtype')}{amp}{gpu} {meta.get('threads')} "
+        f"threads, load {meta.get('load_average_start', math.nan):.2f}",
+        fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
