@@ -20,6 +20,24 @@ def pytest_configure(config):
     config.addinivalue_line(
         'markers', 'slow: end-to-end tests left out of `make test`; run '
         'them with `make test-all`')
+    config.addinivalue_line(
+        'markers', 'cuda: needs a CUDA device; skipped (with the reason) '
+        'where torch.cuda.is_available() is False; `-m cuda` runs them '
+        '(tools/gpu_check.sh)')
+
+
+#: Why a `cuda` test is skipped on this machine (None: it runs).
+NO_CUDA = None if torch.cuda.is_available() else (
+    'needs a CUDA device: torch.cuda.is_available() is False')
+
+
+def pytest_collection_modifyitems(config, items):
+    if NO_CUDA is None:
+        return
+    skip = pytest.mark.skip(reason=NO_CUDA)
+    for item in items:
+        if 'cuda' in item.keywords:
+            item.add_marker(skip)
 
 
 def randomize_bn(model):
