@@ -224,19 +224,34 @@ def test_the_issues_h200_differences_pass_against_a_tf32_reference(
 
 
 def test_tf32_flags_follow_torchs_settings():
-    conv = torch.backends.cudnn.conv
+    conv = getattr(torch.backends.cudnn, 'conv', None)
     matmul = torch.backends.cuda.matmul
-    saved = conv.fp32_precision, matmul.fp32_precision
+    if hasattr(conv, 'fp32_precision'):  # torch's fp32_precision settings
+        def set_flags(conv_tf32, matmul_tf32):
+            conv.fp32_precision = 'tf32' if conv_tf32 else 'ieee'
+            matmul.fp32_precision = 'tf32' if matmul_tf32 else 'ieee'
+        saved = conv.fp32_precision, matmul.fp32_precision
+
+        def restore():
+            conv.fp32_precision, matmul.fp32_precision = saved
+    else:  # the older allow_tf32 flags
+        def set_flags(conv_tf32, matmul_tf32):
+            torch.backends.cudnn.allow_tf32 = conv_tf32
+            matmul.allow_tf32 = matmul_tf32
+        saved = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
+
+        def restore():
+            set_flags(*saved)
     try:
-        conv.fp32_precision, matmul.fp32_precision = 'ieee', 'tf32'
+        set_flags(False, True)
         assert tf32_flags() == TF32(conv=False, matmul=True)
         assert reference_format('cuda', tf32_flags()) == 'tf32'
-        conv.fp32_precision, matmul.fp32_precision = 'tf32', 'ieee'
+        set_flags(True, False)
         assert tf32_flags() == TF32(conv=True, matmul=False)
-        conv.fp32_precision = 'ieee'
+        set_flags(False, False)
         assert reference_format('cuda', tf32_flags()) == 'fp32'
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        restore()
     # The CPU ignores the CUDA flags, whatever they say.
     assert reference_format('cpu') == 'fp32'
     assert tolerance_for('fp32', torch.ones(1)) == FP32_TOLERANCE

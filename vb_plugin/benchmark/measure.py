@@ -198,7 +198,7 @@ class PeakProbe:
 #: synchronisation.
 PEAK_PROBES = {
     'cpu': PeakProbe(matmul=1024, conv=(1, 256, 56, 56)),
-    'cuda': PeakProbe(matmul=8192, conv=(128, 256, 56, 56), repeat=10),
+    'cuda': PeakProbe(matmul=8192, conv=(256, 256, 56, 56), repeat=10),
 }
 
 

@@ -163,6 +163,10 @@ class Settings:
         if device.type == 'cuda' and not torch.cuda.is_available():
             raise ValueError(f'device={self.device!r} is not available: '
                              'torch.cuda.is_available() is False')
+        if device.type == 'cuda' and device.index is not None and \
+                device.index >= torch.cuda.device_count():
+            raise ValueError(f'device={self.device!r} is not available: '
+                             f'{torch.cuda.device_count()} CUDA device(s)')
         for key in ('batch', 'height', 'width', 'iters', 'threads'):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
