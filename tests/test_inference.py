@@ -13,7 +13,7 @@ refusal of the CUDA-only options on the CPU.
 import pytest
 import torch
 from backbone_cases import build, case_id, iter_cases
-from conftest import max_abs_diff, randomize_bn
+from conftest import max_abs_diff, randomize_bn, tf32_settings
 from torch import nn
 
 import vb_plugin
@@ -224,37 +224,17 @@ def test_the_issues_h200_differences_pass_against_a_tf32_reference(
 
 
 def test_tf32_flags_follow_torchs_settings():
-    conv = getattr(torch.backends.cudnn, 'conv', None)
-    matmul = torch.backends.cuda.matmul
-    if hasattr(conv, 'fp32_precision'):  # torch's fp32_precision settings
-        def set_flags(conv_tf32, matmul_tf32):
-            conv.fp32_precision = 'tf32' if conv_tf32 else 'ieee'
-            matmul.fp32_precision = 'tf32' if matmul_tf32 else 'ieee'
-        saved = conv.fp32_precision, matmul.fp32_precision
-
-        def restore():
-            conv.fp32_precision, matmul.fp32_precision = saved
-    else:  # the older allow_tf32 flags
-        def set_flags(conv_tf32, matmul_tf32):
-            torch.backends.cudnn.allow_tf32 = conv_tf32
-            matmul.allow_tf32 = matmul_tf32
-        saved = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
-
-        def restore():
-            set_flags(*saved)
-    try:
-        set_flags(False, True)
+    with tf32_settings(conv=False, matmul=True):
         assert tf32_flags() == TF32(conv=False, matmul=True)
         assert reference_format('cuda', tf32_flags()) == 'tf32'
-        set_flags(True, False)
+    with tf32_settings(conv=True, matmul=False):
         assert tf32_flags() == TF32(conv=True, matmul=False)
-        set_flags(False, False)
+    with tf32_settings(conv=False, matmul=False):
         assert reference_format('cuda', tf32_flags()) == 'fp32'
-    finally:
-        restore()
     # The CPU ignores the CUDA flags, whatever they say.
-    assert reference_format('cpu') == 'fp32'
-    assert tolerance_for('fp32', torch.ones(1)) == FP32_TOLERANCE
+    with tf32_settings(conv=True, matmul=True):
+        assert reference_format('cpu') == 'fp32'
+        assert tolerance_for('fp32', torch.ones(1)) == FP32_TOLERANCE
 
 
 # ----------------------------------------------------------------------
