@@ -580,3 +580,80 @@ def test_auto_form_row_names_the_backend_it_picked(tmp_path):
     assert auto.note == '' and auto.median_ms > 0
     assert auto.memory_format in ('channels_last', 'onnxruntime', 'openvino')
     assert auto.max_abs_diff <= 1e-4
+
+
+def _load_gpu_check():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'gpu_check_tool', ROOT / 'tools' / 'gpu_check.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_commands_are_valid_benchmark_runs():
+    gpu_check, tool = _load_gpu_check(), _load_tool()
+    runs = [(name, argv) for name, stage in gpu_check.STAGES.items()
+            for kind, argv in stage.runs if kind == 'benchmark']
+    assert [name for name, _ in runs] == [
+        'bench', 'detector', 'compiled', 'train', 'train']
+    for name, argv in runs:
+        args = tool.parse_args(list(argv))
+        assert args.device == 'cuda' and args.no_progress
+        if args.mode in ('detector', 'detector-train'):
+            assert (ROOT / args.config).is_file() or \
+                args.config.startswith('mmdet::')
+    # The rows: batch 16 at 640x640 for the three backbones, every
+    # torch form that runs on CUDA between 'bench' and 'compiled', and the
+    # Mask R-CNN at 800x1216 with backbone + neck replaced.
+    bench = tool.parse_args(list(gpu_check.STAGES['bench'].runs[0][1]))
+    compiled = tool.parse_args(
+        list(gpu_check.STAGES['compiled'].runs[0][1]))
+    assert bench.arch == compiled.arch == ['resnet50', 'convnext_tiny',
+                                           'regnetx_3.2gf']
+    assert bench.batch == 16 and bench.size == [640, 640]
+    torch_forms = {name for name, form in bm.FORMS.items()
+                   if form.get('backend') is None}
+    assert set(bench.forms) | set(compiled.forms) == torch_forms - {
+        'compiled-bf16', 'compiled-cuda-graph', 'compiled-cuda-graph-bf16'}
+    detector = tool.parse_args(list(gpu_check.STAGES['detector'].runs[0][1]))
+    assert (detector.mode, detector.part, detector.size, detector.native) \
+        == ('detector', 'backbone+neck', [800, 1216], True)
+    assert gpu_check.DEFAULT_STAGES == ('tests', 'bench', 'detector',
+                                        'compiled')
+
+
+def test_gpu_check_runs_its_stages_and_writes_the_summary(tmp_path,
+                                                          monkeypatch):
+    # The runner, with a stage that runs here: a CPU benchmark and the cuda
+    # tests (skipped without a GPU).
+    gpu_check = _load_gpu_check()
+    stage = gpu_check.Stage([
+        ('benchmark', ['--arch', 'resnet18', '--no-peers', '--size', '32',
+                       '32', '--warmup', '0', '--iters', '1', '--threads',
+                       '1', '--forms', 'optimized', '--no-complexity',
+                       '--no-progress']),
+        ('pytest', ['-m', 'cuda', '-q', '-p', 'no:cacheprovider',
+                    'tests/test_cuda.py', '-k', 'auto_on_cuda'])], 300)
+    monkeypatch.setitem(gpu_check.STAGES, 'cpu', stage)
+    monkeypatch.setitem(gpu_check.TARGETS, 'cpu', ('vs_vb', 1.0))
+    monkeypatch.delenv('SHIM', raising=False)
+    summary = gpu_check.main(['cpu', '--seconds', '200', '--out',
+                              str(tmp_path)])
+    assert json.loads((tmp_path / 'gpu_check.json').read_text()) == summary
+    cpu, = summary['stages']
+    bench, pytest_run = cpu['runs']
+    assert bench['rc'] == 0 and pytest_run['rc'] == 0
+    speed = bench['speedups']['resnet18']
+    assert speed['fastest'] in ('VBResNet', 'VBResNet optimized')
+    assert bench['target']['resnet18'] == dict(
+        figure='vs_vb', value=speed['vs_vb'], target=1.0,
+        met=speed['vs_vb'] >= 1.0)
+    assert json.loads((tmp_path / 'cpu.json').read_text())['rows']
+    assert pytest_run['summary'].startswith('1 skipped')
+    assert 'tests/test_cuda.py' in (tmp_path / 'pytest.txt').read_text()
+    # A stage that does not fit in the time left is skipped, and said so.
+    summary = gpu_check.main(['cpu', '--seconds', '10', '--out',
+                              str(tmp_path / 'short')])
+    assert summary['stages'] == [dict(stage='cpu',
+                                      skipped='10 s left of --seconds 10')]

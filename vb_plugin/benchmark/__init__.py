@@ -31,8 +31,8 @@ from .detector import NATIVE_TWINS, detector_rows, twin_config
 from .measure import (PEAK_PROBES, PeakProbe, busy_warning, count_complexity,
                       frozen_summary, load_average, measure_peak, peak_memory,
                       percentile, probe_dtypes, warm_up)
-from .output import (TABLE_COLUMNS, format_table, plot_results, summarize,
-                     table_columns,
+from .output import (TABLE_COLUMNS, format_table, plot_results, speedups,
+                     summarize, table_columns,
                      write_outputs)
 from .run import run_benchmark
 from .schema import (AMP_DTYPES, COLUMNS, DETECTOR_MODES, DTYPES, MODE_SPECS,
@@ -46,6 +46,6 @@ __all__ = [
     'count_complexity', 'detector_rows', 'format_table', 'frozen_summary',
     'load_average', 'make_rows', 'measure_peak', 'peak_memory', 'percentile',
     'plot_results', 'probe_dtypes', 'Result', 'Row', 'run_benchmark',
-    'Settings', 'summarize', 'table_columns', 'time_interleaved',
+    'Settings', 'speedups', 'summarize', 'table_columns', 'time_interleaved',
     'twin_config', 'warm_up', 'write_outputs', '_importable'
 ]

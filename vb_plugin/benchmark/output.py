@@ -100,6 +100,47 @@ def summarize(results: Sequence[Result]) -> List[str]:
     return lines
 
 
+def speedups(results: Sequence[Result]) -> Dict[str, Dict[str, object]]:
+    """Per architecture, the figures the speed targets are stated in
+    (docs/performance.md): the fastest row that is not a peer (the VB
+    eager row or a form, any precision) against the fastest peer and
+    against the VB eager row. Rows without a time are left out.
+
+    Example:
+        >>> rows = [Result('a', 'VB', 'vb', 'backbone', 9., 9., 9., 1.),
+        ...         Result('a', 'P', 'peer', 'backbone', 10., 10., 10., 1.),
+        ...         Result('a', 'VB fp16', 'fp16', 'backbone', 2.5, 2.5,
+        ...                2.5, 1., dtype='fp16', max_abs_diff=0.01)]
+        >>> speedups(rows)['a']
+        ... # doctest: +NORMALIZE_WHITESPACE
+        {'fastest': 'VB fp16', 'fastest_ms': 2.5, 'dtype': 'fp16',
+         'max_abs_diff': 0.01, 'note': '', 'peer': 'P', 'peer_ms': 10.0,
+         'vs_peer': 4.0, 'vb_ms': 9.0, 'vs_vb': 3.6}
+    """
+    out: Dict[str, Dict[str, object]] = {}
+    for arch in dict.fromkeys(r.arch for r in results):
+        group = [r for r in results
+                 if r.arch == arch and not math.isnan(r.median_ms)]
+        ours = [r for r in group if r.kind != 'peer']
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r.median_ms)
+        entry: Dict[str, object] = dict(
+            fastest=best.name, fastest_ms=best.median_ms, dtype=best.dtype,
+            max_abs_diff=best.max_abs_diff, note=best.note)
+        peers = [r for r in group if r.kind == 'peer']
+        if peers:
+            peer = min(peers, key=lambda r: r.median_ms)
+            entry.update(peer=peer.name, peer_ms=peer.median_ms,
+                         vs_peer=peer.median_ms / best.median_ms)
+        vb = next((r for r in group if r.kind == 'vb'), None)
+        if vb is not None:
+            entry.update(vb_ms=vb.median_ms,
+                         vs_vb=vb.median_ms / best.median_ms)
+        out[arch] = entry
+    return out
+
+
 def write_outputs(out: Dict[str, object], out_dir: str,
                   stem: str = 'benchmark') -> Dict[str, Path]:
     """Write ``{stem}.csv``, ``{stem}.json``, ``{stem}.png`` and
