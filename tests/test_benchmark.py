@@ -619,8 +619,7 @@ def test_gpu_check_commands_are_valid_benchmark_runs():
     detector = tool.parse_args(list(gpu_check.STAGES['detector'].runs[0][1]))
     assert (detector.mode, detector.part, detector.size, detector.native) \
         == ('detector', 'backbone+neck', [800, 1216], True)
-    assert gpu_check.DEFAULT_STAGES == ('tests', 'bench', 'detector',
-                                        'compiled')
+    assert gpu_check.DEFAULT_STAGES == ('tests', 'bench', 'detector')
 
 
 def test_gpu_check_runs_its_stages_and_writes_the_summary(tmp_path,

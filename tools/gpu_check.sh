@@ -9,8 +9,8 @@
 # Then one call of the device tool's run, with carry [".gpu"]:
 #   bash .gpu/run.sh bash tools/gpu_check.sh run [STAGE ...] [--seconds N]
 # run.sh sets the stack up on the GPU machine (about 2 minutes) and exports
-# SHIM; tools/gpu_check.py runs the stages (default: tests bench detector
-# compiled, cut at --seconds, default 450) through mmcv_cuda_shim and
+# SHIM; tools/gpu_check.py runs the stages (default: tests bench detector;
+# also compiled, train; cut at --seconds, default 450) through the shim and
 # writes gpu_check.json, pytest.txt and one JSON per benchmark stage into
 # $OUT.
 set -eu
