@@ -307,3 +307,20 @@ def test_graph_outputs_are_copied_out():
         assert torch.equal(out, static) and out.is_contiguous()
     out, = _as_eager_outputs((static, ), torch.float32)
     assert out is static  # eager outputs are not copied
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name,case', [
+    pytest.param('VBResNet', dict(depth=18, base_channels=8), id='resnet'),
+    pytest.param('VBConvNeXt', dict(arch=dict(depths=[1, 1, 1, 1],
+                                              channels=[8, 16, 32, 64])),
+                 id='convnext'),
+])
+def test_compiled_form_equals_eager(name, case):
+    model = _model(name, case)
+    x = torch.rand(1, 3, 64, 64)
+    fast = optimize_for_inference(model, compile=True)
+    with torch.inference_mode():
+        ref = model(x)
+        out = fast(x)
+    assert max_abs_diff(ref, out) <= FP32_TOLERANCE * _scale(ref)
