@@ -22,6 +22,7 @@ before it is returned (see ``check``), on the model's device and within
 :func:`~vb_plugin.outputs.tolerance_for` (TF32-aware on CUDA).
 """
 import copy
+import itertools
 import statistics
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -129,11 +130,9 @@ def _device_of(module: nn.Module,
                example_input: Optional[torch.Tensor]) -> torch.device:
     """Where ``module`` runs: its first parameter's (or buffer's) device,
     else the example input's, else the CPU."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    if example_input is not None:
-        return example_input.device
-    return torch.device('cpu')
+    tensor = next(itertools.chain(module.parameters(), module.buffers()),
+                  example_input)
+    return torch.device('cpu') if tensor is None else tensor.device
 
 
 def check_forms(forms) -> None:
