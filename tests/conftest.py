@@ -1,3 +1,4 @@
+import contextlib
 import random
 
 import numpy as np
@@ -20,6 +21,50 @@ def pytest_configure(config):
     config.addinivalue_line(
         'markers', 'slow: end-to-end tests left out of `make test`; run '
         'them with `make test-all`')
+    config.addinivalue_line(
+        'markers', 'cuda: needs a CUDA device; skipped (with the reason) '
+        'where torch.cuda.is_available() is False; `-m cuda` runs them '
+        '(tools/gpu_check.sh)')
+
+
+#: Why a `cuda` test is skipped on this machine (None: it runs).
+NO_CUDA = None if torch.cuda.is_available() else (
+    'needs a CUDA device: torch.cuda.is_available() is False')
+
+
+def pytest_collection_modifyitems(config, items):
+    if NO_CUDA is None:
+        return
+    skip = pytest.mark.skip(reason=NO_CUDA)
+    for item in items:
+        if 'cuda' in item.keywords:
+            item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def tf32_settings(conv: bool, matmul: bool):
+    """Set torch's TF32 flags for CUDA convolutions and matmuls inside the
+    block, through the fp32_precision settings where torch has them (else
+    the older allow_tf32 flags), and restore them after."""
+    cudnn_conv = getattr(torch.backends.cudnn, 'conv', None)
+    matmul_backend = torch.backends.cuda.matmul
+    if hasattr(cudnn_conv, 'fp32_precision'):
+        saved = cudnn_conv.fp32_precision, matmul_backend.fp32_precision
+        values = ['tf32' if flag else 'ieee' for flag in (conv, matmul)]
+        cudnn_conv.fp32_precision, matmul_backend.fp32_precision = values
+        try:
+            yield
+        finally:
+            cudnn_conv.fp32_precision, matmul_backend.fp32_precision = saved
+    else:
+        saved = torch.backends.cudnn.allow_tf32, matmul_backend.allow_tf32
+        torch.backends.cudnn.allow_tf32, matmul_backend.allow_tf32 = (
+            conv, matmul)
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, matmul_backend.allow_tf32 = \
+                saved
 
 
 def randomize_bn(model):

@@ -362,13 +362,14 @@ def test_tools_deploy_eval_compares_forms_on_the_test_set(
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     results = tool.main([str(TOY), str(ckpt), '--forms', 'onnxruntime',
-                         'openvino-int8', '--calibration-images', '2',
-                         '--work-dir', str(tmp_path / 'work'),
+                         'openvino-int8', 'auto', '--calibration-images',
+                         '2', '--work-dir', str(tmp_path / 'work'),
                          '--cfg-options', 'model.test_cfg.rcnn.score_thr=0.0'])
-    assert list(results) == ['torch', 'onnxruntime', 'openvino-int8']
+    assert list(results) == ['torch', 'onnxruntime', 'openvino-int8', 'auto']
     for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
-        assert results['onnxruntime'][key] == pytest.approx(
-            results['torch'][key], abs=1e-3)
+        for form in ('onnxruntime', 'auto'):  # fp32, whichever backend
+            assert results[form][key] == pytest.approx(
+                results['torch'][key], abs=1e-3)
         assert 0 <= results['openvino-int8'][key] <= 1
     printed = capsys.readouterr().out
     assert '| form | coco/bbox_mAP | coco/bbox_mAP_50 |' in printed

@@ -279,6 +279,29 @@ def test_every_config_builds_and_trains_one_step(config):
     assert len(preds) == 2
 
 
+AMP_CONFIG = ROOT / 'configs/mask_rcnn/mask-rcnn_vb-r50_fpn_amp-1x_coco.py'
+
+
+def test_amp_config_is_the_r50_config_with_fp16_amp():
+    from mmengine.optim import build_optim_wrapper
+    amp = load_config(str(AMP_CONFIG))
+    plain = load_config(
+        str(ROOT / 'configs/mask_rcnn/mask-rcnn_vb-r50_fpn_1x_coco.py'))
+    assert amp.model == plain.model
+    assert amp.optim_wrapper.optimizer == plain.optim_wrapper.optimizer
+    assert (amp.optim_wrapper.type, amp.optim_wrapper.dtype,
+            amp.optim_wrapper.loss_scale) == ('AmpOptimWrapper', 'float16',
+                                              'dynamic')
+    model = torch.nn.Conv2d(3, 4, 1)
+    if torch.cuda.is_available():
+        wrapper = build_optim_wrapper(model.cuda(), amp.optim_wrapper)
+        assert wrapper.cast_dtype == torch.float16
+    else:  # mmengine's AmpOptimWrapper refuses the CPU
+        with pytest.raises(AssertionError, match='only available training '
+                           'on gpu, npu, mlu or musa'):
+            build_optim_wrapper(model, amp.optim_wrapper)
+
+
 def test_demo_summary_reports_the_metrics_the_config_has():
     from vb_plugin.apis import metric_lines
     boxes = {'coco/bbox_mAP': 0.512, 'coco/bbox_mAP_50': 0.8,

@@ -8,6 +8,10 @@ Examples:
     python tools/benchmark.py --arch resnet50 convnext_tiny regnetx_3.2gf \\
         --forms optimized compiled
     python tools/benchmark.py --arch resnet50 --mode train
+    python tools/benchmark.py --arch resnet50 --mode train --amp fp16 \
+        --device cuda
+    python tools/benchmark.py --arch resnet50 convnext_tiny --device cuda \
+        --batch 16 --forms optimized fp16 cuda-graph-fp16 compiled-fp16
     python tools/benchmark.py --arch timm:convnext_small \
         --forms optimized onnxruntime openvino openvino-bf16 openvino-int8
     python tools/benchmark.py \
@@ -26,8 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vb_plugin.benchmark import (ARCHITECTURES, DETECTOR_MODES,  # noqa
-                                 DTYPES, FORMS, MODES, TRAIN_MODES,
+from vb_plugin.benchmark import (AMP_DTYPES, ARCHITECTURES,  # noqa
+                                 DETECTOR_MODES, DTYPES, FORMS, MODES,
+                                 TRAIN_MODES,
                                  Settings, backbone_cfg,
                                  detector_rows,
                                  format_table, make_rows, run_benchmark,
@@ -73,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--dtype', default='fp32', choices=list(DTYPES),
                    help='dtype of every eager row')
+    p.add_argument('--amp', default=None, choices=list(AMP_DTYPES),
+                   help='training modes: autocast the forward in this dtype '
+                   'over fp32 weights, with a loss scaler for fp16 (as '
+                   "mmengine's AmpOptimWrapper)")
     p.add_argument('--channels-last', action='store_true',
                    help='eager rows in channels_last too')
     p.add_argument('--device', default='cpu', help="'cpu' or 'cuda[:N]'")
@@ -89,7 +98,7 @@ def main(argv=None) -> dict:
     settings = Settings(
         mode=args.mode, batch=args.batch, height=args.size[0],
         width=args.size[1], warmup=args.warmup, iters=args.iters,
-        threads=args.threads, dtype=args.dtype,
+        threads=args.threads, dtype=args.dtype, amp=args.amp,
         channels_last=args.channels_last, device=args.device,
         config=args.config, complexity=not args.no_complexity)
     settings.check()
@@ -106,11 +115,13 @@ def main(argv=None) -> dict:
     print(format_table(out['rows']))
     for line in summarize(out['rows']):
         print(line)
-    print(f"peak probe: {meta['peak']['peak_gflops']:.1f} GFLOP/s "
-          f"(matmul {meta['peak']['matmul_gflops']:.1f}, conv "
-          f"{meta['peak']['conv_gflops']:.1f})"
-          + (f"; bf16 {meta['peak_bf16']['peak_gflops']:.1f} GFLOP/s"
-             if meta.get('peak_bf16') else '')
+    print('peak probe: ' + '; '.join(
+        f"{name} {p['peak_gflops']:.1f} GFLOP/s (matmul "
+        f"{p['matmul_gflops']:.1f}, conv {p['conv_gflops']:.1f}"
+        + (f", TF32 conv {p['tf32_conv']} matmul {p['tf32_matmul']}"
+           if 'tf32_conv' in p else '') + ')'
+        for name, p in meta['peaks'].items())
+          + (f" on {meta['device_name']}" if meta.get('device_name') else '')
           + f"; threads {meta['threads']}; "
           f"load average {meta['load_average_start']:.2f} -> "
           f"{meta['load_average_end']:.2f} on {meta['cpu_count']} cores")

@@ -179,9 +179,12 @@ class _Detector(nn.Module):
         from ..apis import synthetic_detection_batch
         size = tuple(x.shape[-2:])
         if self._batch is None or self._batch['size'] != size:
-            num_classes = getattr(getattr(
-                self.detector.roi_head, 'bbox_head', None), 'num_classes',
-                80) if hasattr(self.detector, 'roi_head') else 80
+            # NOTE: a two-stage detector's classes are its RoI head's, a
+            # single-stage one's (DETR, RetinaNet) its bbox head's.
+            head = getattr(getattr(self.detector, 'roi_head', None),
+                           'bbox_head', None) or getattr(
+                               self.detector, 'bbox_head', None)
+            num_classes = getattr(head, 'num_classes', 80)
             batch = synthetic_detection_batch(num_images=x.shape[0],
                                               size=size,
                                               num_classes=num_classes)

@@ -57,11 +57,13 @@ def evaluate_forms(cfg: Config,
     for form in forms:
         kwargs = dict(FORMS[form])
         model = copy.deepcopy(reference).eval()
-        if 'backend' in kwargs:
-            if kwargs.get('dtype') == 'int8':
-                kwargs['calibration'] = calibration
+        if kwargs.get('dtype') == 'int8':
+            kwargs['calibration'] = calibration
+        if kwargs.get('backend', 'auto') != 'auto':
             model = deploy_detector(model, part=part, **kwargs)
         else:
+            # NOTE: torch forms and backend='auto' (whichever backend it
+            # picks) replace the backbone.
             model.backbone = optimize_for_inference(model.backbone,
                                                     **kwargs)
         runner.model = model

@@ -1,5 +1,6 @@
 """How a row is measured: load average, peak memory,
-percentiles, the machine's peak GFLOP/s and a model's complexity.
+percentiles, the machine's peak GFLOP/s per dtype, a model's complexity and
+what a training row freezes.
 """
 import ctypes
 import gc
@@ -8,12 +9,14 @@ import os
 import threading
 import time
 import warnings
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..outputs import DTYPES, dtype_name, tf32_flags
 from ..timing import sync
 
 # NOTE: FORMS (the --forms names) is the inference path's table.
@@ -163,47 +166,158 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
+@dataclass(frozen=True)
+class PeakProbe:
+    """The sizes of the peak probe on one kind of device.
+
+    Attributes:
+        matmul (int): ``n`` of the n x n by n x n matmul.
+        conv (tuple): (batch, channels, height, width) of the input of a
+            channels -> channels 3x3 conv (padding 1, ``channels_last``).
+        repeat (int): Runs between two clock reads (one synchronisation).
+    """
+    matmul: int
+    conv: Tuple[int, int, int, int]
+    repeat: int = 1
+
+    def flops(self) -> Dict[str, int]:
+        """Floating-point operations of one run of each probe.
+
+        Example:
+            >>> PeakProbe(2, (1, 1, 1, 1)).flops()
+            {'matmul_gflops': 16, 'conv_gflops': 18}
+        """
+        n, c, h, w = self.conv
+        return {'matmul_gflops': 2 * self.matmul**3,
+                'conv_gflops': 2 * n * c * c * 9 * h * w}
+
+
+#: The peak probe's sizes by device type. A CPU core pair is busy with a
+#: 1024^2 matmul; a GPU needs ~1 TFLOP per run to reach its peak (H200:
+#: ~790 TFLOP/s in bf16), and 10 runs per clock read to hide the launch and
+#: synchronisation.
+PEAK_PROBES = {
+    'cpu': PeakProbe(matmul=1024, conv=(1, 256, 56, 56)),
+    'cuda': PeakProbe(matmul=8192, conv=(256, 256, 56, 56), repeat=10),
+}
+
+
+def probe_dtypes(settings, rows: Sequence = ()) -> List[str]:
+    """The dtypes a run needs the peak of: fp32 (always), the eager rows'
+    ``dtype``, the training rows' ``amp`` and the forms' dtypes (int8 has
+    no torch probe; fp16 forms only on CUDA, the only device they run on).
+
+    Example:
+        >>> from vb_plugin.benchmark import Row, Settings
+        >>> probe_dtypes(Settings(mode='train', amp='fp16'))
+        ['fp32', 'fp16']
+        >>> rows = [Row('a', 'x', 'bf16', None, form=dict(dtype='bf16')),
+        ...         Row('a', 'y', 'fp16', None, form=dict(dtype='fp16')),
+        ...         Row('a', 'z', 'auto-int8', None,
+        ...             form=dict(backend='auto', dtype='int8'))]
+        >>> probe_dtypes(Settings(), rows)
+        ['fp32', 'bf16']
+    """
+    cuda = torch.device(settings.device).type == 'cuda'
+    forms = [(row.form or {}).get('dtype') for row in rows]
+    names = ['fp32', settings.dtype, settings.amp]
+    names += [f for f in forms if cuda or f is None or dtype_name(f) != 'fp16']
+    out: List[str] = []
+    for name in names:
+        if name is None:
+            continue
+        name = dtype_name(name)
+        if DTYPES[name] is not None and name not in out:
+            out.append(name)
+    return out
+
+
 def measure_peak(device: torch.device = torch.device('cpu'),
                  dtype: torch.dtype = torch.float32,
-                 seconds: float = 1.0) -> Dict[str, float]:
+                 seconds: float = 1.0,
+                 probe: Optional[PeakProbe] = None) -> Dict[str, object]:
     """A short probe of the achievable GFLOP/s: a square matmul and a
-    3x3 conv (channels_last), best of repeated runs.
+    3x3 conv (channels_last), best of repeated runs, with the sizes of
+    :data:`PEAK_PROBES` for the device's type.
+
+    On CUDA, fp32 convolutions and matmuls run in TF32 where torch's flags
+    allow it (:func:`~vb_plugin.outputs.tf32_flags`): the result says so.
 
     Returns:
         dict: ``matmul_gflops``, ``conv_gflops`` and ``peak_gflops`` (the
-        larger).
+        larger), the ``dtype``, ``device`` and sizes, and on CUDA
+        ``tf32_conv``/``tf32_matmul``.
 
     Example:
         >>> peak = measure_peak(seconds=0.05)
-        >>> peak['peak_gflops'] > 0
-        True
+        >>> peak['peak_gflops'] > 0, peak['dtype'], peak['matmul_n']
+        (True, 'fp32', 1024)
     """
-    n = 1024
+    device = torch.device(device)
+    if probe is None:
+        probe = PEAK_PROBES.get(device.type, PEAK_PROBES['cpu'])
+    n = probe.matmul
+    batch, channels, height, width = probe.conv
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    conv = nn.Conv2d(256, 256, 3, padding=1, bias=False).to(
+    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(
         device=device, dtype=dtype, memory_format=torch.channels_last)
-    x = torch.randn(1, 256, 56, 56, device=device, dtype=dtype).contiguous(
+    x = torch.randn(*probe.conv, device=device, dtype=dtype).contiguous(
         memory_format=torch.channels_last)
-    probes = {
-        'matmul_gflops': (lambda: a @ b, 2 * n**3),
-        'conv_gflops': (lambda: conv(x), 2 * 256 * 256 * 9 * 56 * 56),
-    }
-    out = {}
+    flops = probe.flops()
+    probes = {'matmul_gflops': lambda: a @ b, 'conv_gflops': lambda: conv(x)}
+    out: Dict[str, object] = {}
     with torch.inference_mode():
-        for key, (fn, flops) in probes.items():
+        for key, fn in probes.items():
             fn()
+            sync(device)
             best, end = math.inf, time.perf_counter() + seconds / 2
             while True:
                 start = time.perf_counter()
-                fn()
+                for _ in range(probe.repeat):
+                    fn()
                 sync(device)
-                best = min(best, time.perf_counter() - start)
+                best = min(best, (time.perf_counter() - start) / probe.repeat)
                 if time.perf_counter() > end:
                     break
-            out[key] = flops / best / 1e9
-    out['peak_gflops'] = max(out.values())
+            out[key] = flops[key] / best / 1e9
+    out['peak_gflops'] = max(out['matmul_gflops'], out['conv_gflops'])
+    out.update(dtype=dtype_name(dtype), device=str(device), matmul_n=n,
+               conv_input=list(probe.conv))
+    if device.type == 'cuda':
+        flags = tf32_flags()
+        out.update(tf32_conv=flags.conv, tf32_matmul=flags.matmul)
     return out
+
+
+def frozen_summary(model: nn.Module) -> str:
+    """What a training row freezes: the ``frozen_stages`` of the first
+    module that has one (the backbone), the parameters without gradients
+    and the batch norms in eval mode.
+
+    Example:
+        >>> from vb_plugin import VBResNet
+        >>> model = VBResNet(depth=18, base_channels=8, frozen_stages=1,
+        ...                  norm_eval=True).train()
+        >>> print(frozen_summary(model))
+        frozen_stages=1: 3,560 of 176,712 parameters frozen;
+        20 of 20 BN in eval
+        >>> print(frozen_summary(nn.Sequential(nn.Conv2d(3, 8, 3)).train()))
+        no frozen_stages: 0 of 224 parameters frozen; 0 of 0 BN in eval
+    """
+    from ..layers import is_batch_norm
+    stages = next((m.frozen_stages for m in model.modules()
+                   if isinstance(getattr(m, 'frozen_stages', None), int)),
+                  None)
+    total = sum(p.numel() for p in model.parameters())
+    frozen = sum(p.numel() for p in model.parameters()
+                 if not p.requires_grad)
+    norms = [m for m in model.modules() if is_batch_norm(m)]
+    head = 'no frozen_stages' if stages is None else \
+        f'frozen_stages={stages}'
+    return (f'{head}: {frozen:,} of {total:,} parameters frozen; '
+            f'{sum(not m.training for m in norms)} of {len(norms)} BN in '
+            'eval')
 
 
 def count_complexity(model: nn.Module,

@@ -5,7 +5,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 
 # NOTE: FORMS (the --forms names) is the inference path's table.
@@ -32,9 +32,25 @@ TABLE_COLUMNS = ('arch', 'name', 'median_ms', 'p10_ms', 'p90_ms',
                  'max_abs_diff', 'dtype', 'memory_format', 'threads')
 
 
+def table_columns(results: Sequence[Result]) -> Sequence[str]:
+    """:data:`TABLE_COLUMNS`, then ``amp`` and ``frozen`` where a row has
+    them (training rows).
+
+    Example:
+        >>> r = Result('a', 'm', 'vb', 'train', 10., 9., 11., 100.,
+        ...            amp='bf16')
+        >>> table_columns([r])[-1]
+        'amp'
+    """
+    extra = tuple(c for c in ('amp', 'frozen')
+                  if any(getattr(r, c) for r in results))
+    return tuple(TABLE_COLUMNS) + extra
+
+
 def format_table(results: Sequence[Result],
-                 columns: Sequence[str] = TABLE_COLUMNS) -> str:
-    """A plain-text (Markdown) table of the results.
+                 columns: Optional[Sequence[str]] = None) -> str:
+    """A plain-text (Markdown) table of the results (``columns``: default
+    :func:`table_columns`).
 
     Example:
         >>> r = Result('a', 'm', 'vb', 'backbone', 10., 9., 11., 100.)
@@ -43,6 +59,8 @@ def format_table(results: Sequence[Result],
         |------|-----------|
         | m    | 10.00     |
     """
+    if columns is None:
+        columns = table_columns(results)
     cells = [[_fmt(getattr(r, c)) for c in columns] for r in results]
     widths = [max([len(c)] + [len(row[i]) for row in cells])
               for i, c in enumerate(columns)]
@@ -80,6 +98,47 @@ def summarize(results: Sequence[Result]) -> List[str]:
         lines.append(f'{arch}: fastest peer {best.name} '
                      f'{best.median_ms:.1f} ms; ' + '; '.join(parts))
     return lines
+
+
+def speedups(results: Sequence[Result]) -> Dict[str, Dict[str, object]]:
+    """Per architecture, the figures the speed targets are stated in
+    (docs/performance.md): the fastest row that is not a peer (the VB
+    eager row or a form, any precision) against the fastest peer and
+    against the VB eager row. Rows without a time are left out.
+
+    Example:
+        >>> rows = [Result('a', 'VB', 'vb', 'backbone', 9., 9., 9., 1.),
+        ...         Result('a', 'P', 'peer', 'backbone', 10., 10., 10., 1.),
+        ...         Result('a', 'VB fp16', 'fp16', 'backbone', 2.5, 2.5,
+        ...                2.5, 1., dtype='fp16', max_abs_diff=0.01)]
+        >>> speedups(rows)['a']
+        ... # doctest: +NORMALIZE_WHITESPACE
+        {'fastest': 'VB fp16', 'fastest_ms': 2.5, 'dtype': 'fp16',
+         'max_abs_diff': 0.01, 'note': '', 'peer': 'P', 'peer_ms': 10.0,
+         'vs_peer': 4.0, 'vb_ms': 9.0, 'vs_vb': 3.6}
+    """
+    out: Dict[str, Dict[str, object]] = {}
+    for arch in dict.fromkeys(r.arch for r in results):
+        group = [r for r in results
+                 if r.arch == arch and not math.isnan(r.median_ms)]
+        ours = [r for r in group if r.kind != 'peer']
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r.median_ms)
+        entry: Dict[str, object] = dict(
+            fastest=best.name, fastest_ms=best.median_ms, dtype=best.dtype,
+            max_abs_diff=best.max_abs_diff, note=best.note)
+        peers = [r for r in group if r.kind == 'peer']
+        if peers:
+            peer = min(peers, key=lambda r: r.median_ms)
+            entry.update(peer=peer.name, peer_ms=peer.median_ms,
+                         vs_peer=peer.median_ms / best.median_ms)
+        vb = next((r for r in group if r.kind == 'vb'), None)
+        if vb is not None:
+            entry.update(vb_ms=vb.median_ms,
+                         vs_vb=vb.median_ms / best.median_ms)
+        out[arch] = entry
+    return out
 
 
 def write_outputs(out: Dict[str, object], out_dir: str,
@@ -127,10 +186,13 @@ def plot_results(rows: Sequence[Result], path, meta: dict) -> None:
     ax.invert_yaxis()
     ax.set_xlabel('median ms per batch (p10..p90); lower is faster')
     s = meta.get('settings', {})
+    amp = f" amp {s['amp']}" if s.get('amp') else ''
+    gpu = f" on {meta['device_name']}" if meta.get('device_name') else ''
     ax.set_title(
         f"{s.get('mode')} b{s.get('batch')} {s.get('height')}x"
-        f"{s.get('width')} {s.get('dtype')} {meta.get('threads')} threads, "
-        f"load {meta.get('load_average_start', math.nan):.2f}", fontsize=9)
+        f"{s.get('width')} {s.get('dtype')}{amp}{gpu} {meta.get('threads')} "
+        f"threads, load {meta.get('load_average_start', math.nan):.2f}",
+        fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

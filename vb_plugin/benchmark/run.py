@@ -14,12 +14,14 @@ import torch
 from torch import nn
 
 from ..inference import optimize_for_inference
-from ..outputs import max_abs_difference, tolerance_for
+from ..outputs import (DTYPES as _ALL_DTYPES, dtype_name, max_abs_difference,
+                       tf32_flags, tolerance_for)
 from ..timing import time_interleaved
 from .detector import _Detector
-from .measure import (busy_warning, count_complexity, load_average,
-                      measure_peak, peak_memory, percentile, warm_up)
-from .schema import DTYPES, MODE_SPECS, Result, Row, Settings
+from .measure import (busy_warning, count_complexity, frozen_summary,
+                      load_average, measure_peak, peak_memory, percentile,
+                      probe_dtypes, warm_up)
+from .schema import AMP_DTYPES, DTYPES, MODE_SPECS, Result, Row, Settings
 
 
 class _WithNeck(nn.Module):
@@ -68,6 +70,7 @@ def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
     dtype = DTYPES[settings.dtype]
     train = settings.spec.train
     note = ''
+    frozen = ''
     diff = math.nan
     mem_format = 'channels_last' if settings.channels_last else 'contiguous'
     row_dtype = settings.dtype
@@ -88,6 +91,8 @@ def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
                     if is_batch_norm(m):
                         m.eval()
         model = _prepare(model, settings, device, dtype)
+        if train:
+            frozen = frozen_summary(model)
         eager_cache[row.name] = model
         run_x = x.contiguous(memory_format=torch.channels_last) \
             if settings.channels_last else x
@@ -126,16 +131,11 @@ def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
         else:
             mem_format = 'channels_last' if fast.channels_last else \
                 'contiguous'
-            row_dtype = 'bf16' if fast.dtype == torch.bfloat16 else 'fp32'
+            row_dtype = dtype_name(fast.dtype)
         run_x = x
 
     if train:
-        def step():
-            outs = model(run_x)
-            loss = sum(o.float().mean() for o in outs)
-            loss.backward()
-            for p in model.parameters():
-                p.grad = None
+        step = _train_step(model, run_x, device, settings.amp)
     else:
         def step():
             return model(run_x)
@@ -145,10 +145,11 @@ def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
         arch=row.arch, name=row.name, kind=row.kind, mode=settings.mode,
         median_ms=math.nan, p10_ms=math.nan, p90_ms=math.nan,
         images_per_s=math.nan,
-        max_abs_diff=diff, dtype=row_dtype, memory_format=mem_format,
+        max_abs_diff=diff, dtype=row_dtype, amp=settings.amp or '',
+        memory_format=mem_format,
         threads=torch.get_num_threads(), batch=settings.batch,
         height=settings.height, width=settings.width,
-        iters=settings.iters, note=note)
+        iters=settings.iters, frozen=frozen, note=note)
     # NOTE: no GMACs for a whole detector: its count depends on the
     # detections, and the tracer cannot follow mmdet's inference call.
     if settings.complexity and isinstance(model, _Detector) and \
@@ -160,6 +161,41 @@ def _prepare_row(row: Row, settings: Settings, x: torch.Tensor,
         result.params_m = params
         result.gmacs = macs * settings.batch
     return step, result
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, device: torch.device,
+                amp: Optional[str] = None) -> Callable[[], None]:
+    """A training row's step: forward and backward of the sum of the output
+    means (a detector's: of its losses), gradients dropped after.
+
+    With ``amp`` as mmengine's ``AmpOptimWrapper``: the forward and the loss
+    under ``torch.autocast`` in that dtype over the fp32 weights, and for
+    fp16 a ``GradScaler``: the loss scaled for the backward, the gradients
+    unscaled and checked for inf/NaN, the scale updated (the optimizer step
+    itself is not timed, with or without AMP).
+    """
+    amp_dtype = AMP_DTYPES[amp] if amp else None
+    scaler = torch.amp.GradScaler(device.type) if amp == 'fp16' else None
+    # NOTE: the scaler unscales the gradients of an optimizer's groups; this
+    # one is never stepped.
+    groups = torch.optim.SGD([p for p in model.parameters()
+                              if p.requires_grad], lr=0.) if scaler else None
+
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype,
+                            enabled=amp_dtype is not None):
+            outs = model(x)
+            loss = sum(o.float().mean() for o in outs)
+        if scaler is None:
+            loss.backward()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(groups)
+            scaler.update()
+        for p in model.parameters():
+            p.grad = None
+    step.scaler = scaler
+    return step
 
 
 def _set_times(result: Result, times: Sequence[float]) -> None:
@@ -188,7 +224,8 @@ def _finish(results: List[Result], peaks: Dict[str, float]) -> None:
         else:
             flops = 2 * r.gmacs
         r.gflops_per_s = flops / (r.median_ms / 1e3)
-        peak = peaks.get(r.dtype, math.nan)
+        # NOTE: an AMP row computes its convs and matmuls in the amp dtype.
+        peak = peaks.get(r.amp or r.dtype, math.nan)
         r.pct_of_peak = 100 * r.gflops_per_s / peak if peak > 0 else math.nan
 
 
@@ -227,15 +264,11 @@ def run_benchmark(rows: Sequence[Row],
     if warning:
         log(f'WARNING: {warning}')
     # NOTE: each row's % of peak is of its own dtype's peak: bf16 runs at
-    # a multiple of the fp32 rate where the CPU has bf16 instructions.
-    peak = measure_peak(device, torch.float32)
-    peaks = {'fp32': peak['peak_gflops']}
-    if settings.dtype == 'bf16' or any(
-            (row.form or {}).get('dtype') == 'bf16' for row in rows):
-        peak_bf16 = measure_peak(device, torch.bfloat16)
-        peaks['bf16'] = peak_bf16['peak_gflops']
-    else:
-        peak_bf16 = None
+    # a multiple of the fp32 rate where the CPU has bf16 instructions, and
+    # a GPU's fp16/bf16 tensor cores at a multiple of its (TF32) fp32 rate.
+    probes = {name: measure_peak(device, _ALL_DTYPES[name])
+              for name in probe_dtypes(settings, rows)}
+    peaks = {name: probe['peak_gflops'] for name, probe in probes.items()}
     x = torch.rand(settings.batch, 3, settings.height, settings.width,
                    device=device, dtype=dtype)
     results = []
@@ -261,9 +294,12 @@ def run_benchmark(rows: Sequence[Row],
                 except Exception as err:  # noqa: BLE001 - keep the others
                     log(f'WARNING: {row.arch}: {row.name} failed: '
                         f'{type(err).__name__}: {err}')
+                    form_dtype = (row.form or {}).get('dtype')
                     prepared.append((None, Result(
                         arch=row.arch, name=row.name, kind=row.kind,
-                        mode=settings.mode, median_ms=math.nan,
+                        dtype=dtype_name(form_dtype or settings.dtype),
+                        amp=settings.amp or '', mode=settings.mode,
+                        median_ms=math.nan,
                         p10_ms=math.nan, p90_ms=math.nan,
                         images_per_s=math.nan, threads=settings.threads,
                         batch=settings.batch, height=settings.height,
@@ -305,7 +341,11 @@ def run_benchmark(rows: Sequence[Row],
         torch=torch.__version__, python=platform.python_version(),
         machine=platform.machine(), processor=platform.processor(),
         cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
-        peak=peak, peak_bf16=peak_bf16, load_average_start=load_start,
+        peak=probes['fp32'], peak_bf16=probes.get('bf16'), peaks=probes,
+        load_average_start=load_start,
         load_average_end=load_end, busy_warning=warning or end_warning,
         time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+    if device.type == 'cuda':
+        meta.update(device_name=torch.cuda.get_device_name(device),
+                    tf32=tf32_flags()._asdict())
     return dict(meta=meta, rows=results)

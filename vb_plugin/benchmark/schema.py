@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 from ..outputs import DTYPES as _DTYPES
@@ -43,12 +44,15 @@ TRAIN_MODES = tuple(n for n, m in MODE_SPECS.items() if m.train)
 DETECTOR_MODES = tuple(n for n, m in MODE_SPECS.items() if m.detector)
 #: The --dtype names: the short names of the inference path's table.
 DTYPES = {name: _DTYPES[name] for name in ('fp32', 'bf16')}
+#: The --amp names: autocast dtypes of the training modes (fp16 with a
+#: loss scaler, as mmengine's AmpOptimWrapper).
+AMP_DTYPES = {name: _DTYPES[name] for name in ('fp16', 'bf16')}
 #: CSV columns, in order (the JSON rows have the same keys).
 COLUMNS = ('arch', 'name', 'kind', 'mode', 'median_ms', 'p10_ms', 'p90_ms',
            'images_per_s', 'ratio_to_first', 'params_m', 'gmacs',
            'gflops_per_s', 'pct_of_peak', 'peak_mem_mb', 'max_abs_diff',
-           'dtype', 'memory_format', 'threads', 'batch', 'height', 'width',
-           'iters', 'load_before', 'load_after', 'note')
+           'dtype', 'amp', 'memory_format', 'threads', 'batch', 'height',
+           'width', 'iters', 'load_before', 'load_after', 'frozen', 'note')
 
 
 @dataclass
@@ -92,6 +96,7 @@ class Result:
     peak_mem_mb: float = math.nan
     max_abs_diff: float = math.nan
     dtype: str = 'fp32'
+    amp: str = ''
     memory_format: str = 'contiguous'
     threads: int = 0
     batch: int = 1
@@ -100,12 +105,14 @@ class Result:
     iters: int = 0
     load_before: float = math.nan
     load_after: float = math.nan
+    frozen: str = ''
     note: str = ''
 
 
 @dataclass
 class Settings:
-    """How a run measures."""
+    """How a run measures (``amp``: the autocast dtype of the training
+    modes, or None)."""
     mode: str = 'backbone'
     batch: int = 1
     height: int = 640
@@ -119,6 +126,7 @@ class Settings:
     config: Optional[str] = None
     seed: int = 0
     complexity: bool = True
+    amp: Optional[str] = None
 
     @property
     def spec(self) -> Mode:
@@ -135,6 +143,30 @@ class Settings:
         if self.dtype not in DTYPES:
             raise ValueError(f'dtype={self.dtype!r} is not valid; choose '
                              f'from {list(DTYPES)}')
+        if self.amp is not None:
+            if self.amp not in AMP_DTYPES:
+                raise ValueError(f'amp={self.amp!r} is not valid; choose '
+                                 f'from {list(AMP_DTYPES)} or None')
+            if not self.spec.train:
+                raise ValueError(
+                    f'amp={self.amp!r} is for the training modes '
+                    f'{list(TRAIN_MODES)}; mode={self.mode!r} times '
+                    'inference (use the fp16/bf16 forms or dtype)')
+            if self.dtype != 'fp32':
+                raise ValueError(f'amp={self.amp!r} autocasts fp32 weights; '
+                                 f'it does not go with dtype={self.dtype!r}')
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device={self.device!r} is not valid; use "
+                             "'cpu' or 'cuda[:N]'") from err
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            raise ValueError(f'device={self.device!r} is not available: '
+                             'torch.cuda.is_available() is False')
+        if device.type == 'cuda' and device.index is not None and \
+                device.index >= torch.cuda.device_count():
+            raise ValueError(f'device={self.device!r} is not available: '
+                             f'{torch.cuda.device_count()} CUDA device(s)')
         for key in ('batch', 'height', 'width', 'iters', 'threads'):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
