@@ -531,28 +531,13 @@ def render(text: str, blocks: Sequence[Block]) -> str:
     Example:
         >>> page = ('# Page\\n\\nProse.\\n\\n<!-- generated: options A -->\\n'
         ...         'old\\n<!-- end generated -->\\n\\n# More\\n')
-        >>> print(render(page, [Block('options A', '## `A`', 'new A'),
-        ...                     Block('options B', '## `B`', 'new B')]))
-        # Page
-        <BLANKLINE>
-        Prose.
-        <BLANKLINE>
-        <!-- generated: options A -->
-        <BLANKLINE>
-        new A
-        <BLANKLINE>
-        <!-- end generated -->
-        <BLANKLINE>
-        ## `B`
-        <BLANKLINE>
-        <!-- generated: options B -->
-        <BLANKLINE>
-        new B
-        <BLANKLINE>
-        <!-- end generated -->
-        <BLANKLINE>
-        # More
-        <BLANKLINE>
+        >>> out = render(page, [Block('options A', '## `A`', 'new A'),
+        ...                     Block('options B', '## `B`', 'new B')])
+        >>> out.splitlines()[2:7]
+        ['Prose.', '', '<!-- generated: options A -->', '', 'new A']
+        >>> out.count('<!-- generated:'), out.index('## `B`') < out.index(
+        ...     '# More'), 'old' in out
+        (2, True, False)
     """
     made = {b.key: b for b in blocks}
     found = _blocks_in(text)

@@ -415,12 +415,12 @@ class VBRegNet(VBBackbone):
             to 3.
         stem_channels (int): Width of the 3x3 stride-2 stem conv, a positive
             int. Defaults to 32.
-        conv_cfg (dict, optional): mmcv convolution config. Defaults to
-            None.
-        norm_cfg (dict): mmcv norm config: BN, SyncBN, GN, ...; checked as
-            ``out_norm_cfg`` is (:func:`vb_plugin.layers.check_norm_cfg`:
-            ``'LN'`` and unregistered types raise ``ValueError``; use
-            ``'LN2d'``). Defaults to ``dict(type='BN', requires_grad=True)``.
+        conv_cfg (dict, optional): mmcv convolution config, as for
+            :class:`VBResNet`. Defaults to None.
+        norm_cfg (dict): mmcv norm config, checked as for
+            :class:`VBResNet` (``'LN'`` and unregistered types raise
+            ``ValueError``; use ``'LN2d'``). Defaults to
+            ``dict(type='BN', requires_grad=True)``.
         zero_init_residual (bool): Zero the last norm of each block at init,
             so each residual branch starts as identity. Defaults to True.
         frozen_stages (int): See :class:`VBBackbone`. The stem is ``conv1``,
@@ -428,9 +428,9 @@ class VBRegNet(VBBackbone):
         norm_eval (bool): See :class:`VBBackbone`. mmdet's ``RegNet``
             defaults to ``True``; here it is ``False``, as in every VB
             backbone, and detection configs set it.
-        init_cfg (dict | list[dict], optional): See :class:`VBBackbone`.
-            ``None`` is mmdet's init: Kaiming for ``Conv2d``, constant 1 for
-            batch and group norms.
+        init_cfg (dict | list[dict], optional): See :class:`VBBackbone`;
+            ``None`` is the conv families' init (mmdet's, as for
+            :class:`VBResNet`).
         out_indices, frozen_bn, out_norm_cfg, with_cp: See
             :class:`VBBackbone`.
 
