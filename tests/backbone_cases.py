@@ -43,6 +43,16 @@ BACKBONE_CASES = {
              model_kwargs=dict(depth=4, embed_dim=32, num_heads=2)),
         dict(model_name='vit_small_patch14_dinov2', pyramid='multilevel',
              model_kwargs=dict(depth=4, embed_dim=32, num_heads=2)),
+        # ViTDet's windowed form: window attention (blocks 1 and 3 global),
+        # decomposed relative positions, no class token; DINOv2 with
+        # registers (removed) and patch 14. (EVA-02's RoPE is tested in
+        # test_vitdet.py: timm's EVA does not export to ONNX.)
+        dict(model_name='vit_base_patch16_224', window_size=3,
+             global_blocks=(1, 3), rel_pos=True,
+             model_kwargs=dict(depth=4, embed_dim=32, num_heads=2)),
+        dict(model_name='vit_small_patch14_reg4_dinov2', window_size=3,
+             rel_pos=True, model_kwargs=dict(depth=4, embed_dim=32,
+                                             num_heads=2, img_size=98)),
         # Its blocks live inside an encoder that timm's feature_info does
         # not name (levels 'encoder.blocks.k' under FeatureGetterNet's
         # 'model.encoder'): stages are read from inside it.

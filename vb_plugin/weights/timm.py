@@ -28,6 +28,33 @@ VB_TIMM_SOURCE = WeightSource(
     description='a VBTimmBackbone state dict (keys under body.)',
     detect=r'^body\.')
 
+#: ViTDet's ViT as detectron2's model zoo saves it (a ``.pkl``: the ViT
+#: under ``backbone.net.``, the pyramid under ``backbone.simfp_*``, which
+#: :class:`~vb_plugin.VBSimpleFeaturePyramid` loads). The windowed form
+#: keeps timm's names, which are detectron2's.
+D2_VITDET_SOURCE = WeightSource(
+    name='detectron2-vitdet',
+    description="detectron2's ViTDet (backbone.net.*)",
+    detect=r'^net\.blocks\.\d+\.attn\.',
+    rules=((r'^net\.', 'body.model.'), ),
+    drop=(r'^simfp_\d+\.', r'^top_block\.'),
+    aliases=('detectron2', 'd2'),
+    head_reason='the simple feature pyramid (VBSimpleFeaturePyramid loads '
+    'it)')
+#: mmdet's ``projects/ViTDet`` ViT (under ``backbone.`` in a detector
+#: checkpoint; the same names).
+MMDET_VITDET_SOURCE = WeightSource(
+    name='mmdet-vitdet',
+    description="mmdet projects/ViTDet's ViT (blocks.*.attn.rel_pos_h)",
+    detect=r'^blocks\.\d+\.attn\.rel_pos_h$',
+    rules=((r'^', 'body.model.'), ),
+    aliases=('mmdet', ))
+#: The layouts of ViTDet's checkpoints, for a windowed VBTimmBackbone with
+#: relative positions.
+VITDET_SOURCES = (D2_VITDET_SOURCE, MMDET_VITDET_SOURCE)
+#: Keys of prefix tokens, which the windowed form removes.
+PREFIX_TOKENS = r'^(cls_token|reg_token|dist_token)$'
+
 
 def timm_key_map(model: nn.Module,
                  keys: Optional[Sequence[str]] = None) -> Dict[str, str]:
@@ -153,10 +180,15 @@ class TimmLayout:
                         for v in model.body_key_map(probes).values())
         not_built = [k for k in keys if unbuilt and k.startswith(unbuilt)]
         built = set(not_built)
-        head = [k for k in keys if k not in built]
+        prefix = [k for k in keys if model.window_plan.enabled
+                  and re.match(PREFIX_TOKENS, k)]
+        head = [k for k in keys if k not in built and k not in prefix]
         out = {}
         if head:
             out[self.head_reason] = head
+        if prefix:
+            out['prefix tokens (the windowed form has none, as ViTDet)'] = (
+                prefix)
         if not_built:
             out['stage not built (past the last out_indices)'] = not_built
         return out

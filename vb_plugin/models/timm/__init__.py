@@ -13,7 +13,8 @@ One job per module:
 
 Its weight layouts live with the others, in :mod:`vb_plugin.weights.timm`.
 """
-from .backbone import RESERVED_KWARGS, VBTimmBackbone
+from .backbone import VBTimmBackbone
+from .options import RESERVED_KWARGS
 from .levels import (LEVEL_MODES, StagePlan, TimmLevel, plan_filled_stages,
                      plan_stages)
 from .probe import ANY_SIZE_OPTIONS, SIZE_DIVISORS

@@ -19,7 +19,6 @@ are timm's own, and maps timm's structure onto the contract:
   (``checkpoint_filter_fn``, ``adapt_input_conv``) into the full model,
   strictly, then move into the extractor; see :mod:`vb_plugin.weights.timm`.
 """
-import difflib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import timm
@@ -33,36 +32,21 @@ from torch import nn
 from ...layers.pyramid import (PYRAMID_STRIDES, crop_to_stride,
                                pyramid_channels, resample_to_stride16,
                                rescaled_channels)
-from ...weights.timm import VB_TIMM_SOURCE, TimmLayout, timm_key_map
+from ...weights.timm import (VB_TIMM_SOURCE, VITDET_SOURCES, TimmLayout,
+                             timm_key_map)
 from ..base import VBBackbone
+from .decay import block_count, block_layer_id
 from .levels import (LEVEL_MODES, TimmLevel, feature_levels, feature_list,
                      level_groups, own_module, plan_filled_stages,
                      plan_stages, prune_unused)
+from .options import check_model_name, model_options
 from .positions import (PositionGrid, input_positions, install_grid_hooks,
                         relax_patch_embeds)
 from .probe import (SIZE_DIVISORS, ProbeTarget, any_size_options,
                     create_on_meta, is_size_error, pad_same,
                     probe_input_sizes)
 from .pyramid import build_pyramid, check_pyramid, resolve_pyramid
-
-#: create_model keywords this family sets itself; ``model_kwargs`` must not.
-RESERVED_KWARGS = ('pretrained', 'features_only', 'out_indices', 'in_chans',
-                   'num_classes', 'feature_cls', 'pretrained_cfg_overlay',
-                   'output_stride', 'scriptable', 'exportable')
-
-
-def _check_model_name(model_name: str) -> None:
-    if not isinstance(model_name, str) or not model_name:
-        raise TypeError(f'model_name must be a timm model name (str), got '
-                        f'{model_name!r} ({type(model_name).__name__})')
-    if timm.is_model(model_name):
-        return
-    close = difflib.get_close_matches(model_name, timm.list_models(), n=5,
-                                      cutoff=0.6)
-    hint = (f'; close matches: {close}' if close else
-            '; see timm.list_models() for the available names')
-    raise ValueError(f'model_name={model_name!r} is not a timm model{hint}')
-
+from .windows import install_windows, plan_windows, windowed_features
 
 @MODELS.register_module()
 class VBTimmBackbone(VBBackbone):
@@ -119,6 +103,26 @@ class VBTimmBackbone(VBBackbone):
             multi-scale model, ``'simple'``/``'multilevel'`` raise
             ``ValueError`` (docs/timm.md#transformers-at-detection-sizes).
             Defaults to 'auto'.
+        window_size (int): ViTDet's window attention, for plain ViTs (timm
+            modules ``vision_transformer``, ``deit``, ``eva``; others raise
+            ``ValueError``): blocks other than ``global_blocks`` attend in
+            ``window_size``-square windows of the token grid; prefix tokens
+            (class, registers) are removed and the position embedding is
+            resized with plain bicubic, as ViTDet (docs/timm.md#vitdet).
+            ``0``: every block attends globally. Defaults to 0.
+        global_blocks (Sequence[int], optional): The blocks that stay global
+            when ``window_size > 0``. ``None``: ViTDet's four evenly spaced
+            ones (2, 5, 8, 11 for 12 blocks; 5, 11, 17, 23 for 24; 7, 15,
+            23, 31 for 32). Defaults to None.
+        rel_pos (bool): Add ViTDet's decomposed relative positions to every
+            attention (tables ``attn.rel_pos_h``/``attn.rel_pos_w``,
+            zero-initialised, ``2 * window_size - 1`` rows in windowed
+            blocks, ``2 * (rel_pos_img_size / patch) - 1`` in global ones,
+            resized linearly for other grids). Defaults to False.
+        rel_pos_img_size (int, optional): The input size the global blocks'
+            relative position tables are sized for (ViTDet-B: 1024, its
+            checkpoints' 127 rows). ``None``: the model's ``img_size``.
+            Defaults to None.
         out_indices (Sequence[int], optional): See :class:`VBBackbone`, in
             ``levels`` numbering. ``None`` means every stage (0..3 for a
             standard CNN with ``levels='vb'``). Defaults to None.
@@ -159,27 +163,19 @@ class VBTimmBackbone(VBBackbone):
                  drop_path_rate: Optional[float] = None,
                  model_kwargs: Optional[dict] = None,
                  pyramid: Optional[str] = 'auto',
+                 window_size: int = 0,
+                 global_blocks: Optional[Sequence[int]] = None,
+                 rel_pos: bool = False,
+                 rel_pos_img_size: Optional[int] = None,
                  out_indices: Optional[Sequence[int]] = None,
                  **kwargs) -> None:
-        _check_model_name(model_name)
+        check_model_name(model_name)
         if levels not in LEVEL_MODES:
             raise ValueError(f'levels={levels!r} is not valid; use one of '
                              f'{LEVEL_MODES}')
         self.in_channels = in_channels
-        model_kwargs = dict(model_kwargs or {})
-        reserved = sorted(set(model_kwargs) & set(RESERVED_KWARGS))
-        if reserved:
-            raise ValueError(
-                f'model_kwargs must not set {reserved}: VBTimmBackbone sets '
-                'them itself (use in_channels, output_stride, out_indices, '
-                'init_cfg)')
-        if output_stride is not None:
-            if output_stride not in (8, 16, 32):
-                raise ValueError(f'output_stride={output_stride!r} is not '
-                                 'valid; use 8, 16, 32 or None')
-            model_kwargs['output_stride'] = output_stride
-        if drop_path_rate is not None:
-            model_kwargs['drop_path_rate'] = drop_path_rate
+        model_kwargs = model_options(model_kwargs, output_stride,
+                                     drop_path_rate)
         self.model_name = model_name
         self.levels = levels
         self.output_stride = output_stride
@@ -195,6 +191,10 @@ class VBTimmBackbone(VBBackbone):
         # device: no memory, no initialisation, and stage_module_names can
         # answer for stages that are never built.
         self.timm_levels = self._read_levels()
+        self.window_plan = plan_windows(
+            self.create_timm_model_on_meta, model_name, self.timm_module,
+            window_size, global_blocks, rel_pos, rel_pos_img_size)
+        self.new_layer_patterns += self.window_plan.new_layer_patterns
         reductions = [lv.reduction for lv in self.timm_levels]
         self.pyramid_kind = resolve_pyramid(pyramid, levels, reductions,
                                             self.output_stride,
@@ -270,9 +270,10 @@ class VBTimmBackbone(VBBackbone):
     # timm models.
     @property
     def weight_sources(self) -> Tuple[object, ...]:
-        """The timm model's layout (converted by timm's own code), then
-        this backbone's own state dict."""
-        return (TimmLayout(self), VB_TIMM_SOURCE)
+        """ViTDet's layouts (windowed form with ``rel_pos``), the timm
+        model's (converted by timm's own code), this backbone's own."""
+        vitdet = VITDET_SOURCES if self.window_plan.rel_pos else ()
+        return (*vitdet, TimmLayout(self), VB_TIMM_SOURCE)
 
     def create_timm_model(self, state_dict: Optional[dict] = None,
                           **kwargs) -> nn.Module:
@@ -302,13 +303,11 @@ class VBTimmBackbone(VBBackbone):
                                  **self.create_kwargs, **kwargs)
 
     def timm_pretrained_cfg(self) -> dict:
-        """timm's pretrained config of the model (classifier name, class
-        count, input size), read from a model on the meta device."""
+        """timm's pretrained config of the model, read on the meta device."""
         return dict(self.create_timm_model_on_meta().pretrained_cfg)
 
     def create_timm_model_on_meta(self, **kwargs) -> nn.Module:
-        """:meth:`create_timm_model` on the meta device (no memory, no
-        initialisation), or for real when timm cannot build it there."""
+        """:meth:`create_timm_model` on the meta device, when timm can."""
         return create_on_meta(self.create_timm_model, **kwargs)
 
     def _read_levels(self) -> List[TimmLevel]:
@@ -428,6 +427,8 @@ class VBTimmBackbone(VBBackbone):
         # has one and is not marked is_init (timm's HRNet features have
         # one): it would draw timm's init again, over a user's init_cfg.
         body.is_init = True
+        if self.window_plan.enabled:
+            install_windows(body.model, self.window_plan)
         if self.position_grids:
             relax_patch_embeds(body)
         #: The extractor's modules given SAME padding (see pad_same).
@@ -541,7 +542,8 @@ class VBTimmBackbone(VBBackbone):
         try:
             with input_positions(self.body, self.position_grids,
                                  self._window_names, x.shape[-2:]):
-                feats = self.body(x)
+                feats = (windowed_features(self.body, x)
+                         if self.window_plan.enabled else self.body(x))
         except (AssertionError, RuntimeError) as err:
             native = tuple(self.pretrained_input_size)
             if tuple(x.shape[-2:]) == native or not is_size_error(err):
@@ -564,18 +566,9 @@ class VBTimmBackbone(VBBackbone):
     # Layer-wise learning-rate decay (ViT-style models).
     @property
     def lr_decay_num_layers(self) -> Optional[int]:
-        """``paramwise_cfg['num_layers']`` of layer-wise decay for a
-        ViT-style model: its number of (built) blocks; None for other
-        models (no blocks list).
-
-        Example:
-            >>> VBTimmBackbone('vit_tiny_patch16_224').lr_decay_num_layers
-            12
-        """
-        blocks = getattr(getattr(self.body, 'model', None), 'blocks', None)
-        if not isinstance(self.body, FeatureGetterNet) or blocks is None:
-            return None
-        return len(blocks)
+        """The number of built blocks of a ViT-style model (see
+        :func:`~.decay.block_count`); None for other models."""
+        return block_count(self.body)
 
     def no_layer_decay(self) -> ValueError:
         return ValueError(
@@ -584,26 +577,13 @@ class VBTimmBackbone(VBBackbone):
 
     def lr_decay_layer_id(self, name: str) -> int:
         """Layer id of parameter ``name`` (relative to the backbone), as
-        ViTDet and BEiT count: the patch and position embeddings and the
-        class token are 0, block ``i`` is ``i + 1``, everything else (the
-        pyramid, output norms, and after the backbone) ``num_layers + 1``.
-
-        Example:
-            >>> m = VBTimmBackbone('vit_tiny_patch16_224')
-            >>> [m.lr_decay_layer_id(n) for n in ('body.model.pos_embed',
-            ...     'body.model.blocks.3.mlp.fc1.weight', 'pyramid.0.0.weight')]
-            [0, 4, 13]
-        """
+        ViTDet and BEiT count (:func:`~.decay.block_layer_id`)."""
         num = self.lr_decay_num_layers
         if num is None:
             raise self.no_layer_decay()
-        if name.startswith('body.model.blocks.'):
-            return int(name.split('.')[3]) + 1
-        stem = tuple(f'{n}.' for n in self.stem_module_names()) + tuple(
-            self.stem_parameter_names())
-        if name.startswith(stem) or name in stem:
-            return 0
-        return num + 1
+        return block_layer_id(name, num, tuple(
+            f'{n}.' for n in self.stem_module_names()) + tuple(
+                self.stem_parameter_names()))
 
     # ------------------------------------------------------------------
     # Weights.
