@@ -4,8 +4,8 @@
   ``model_final_*.pkl``, Apache-2.0, github.com/facebookresearch/detectron2
   ``projects/ViTDet``). The pyramid level at stride ``2**k`` is
   ``backbone.simfp_{k}``, a sequence whose indices are the neck's own
-  (``levels.p{k}.{i}``): the rescaling layers (transposed convs, LayerNorm, GELU,
-  max-pool), then the 1x1 and the 3x3 conv, each with its norm at
+  (``levels.p{k}.{i}``): the rescaling layers (transposed convs, LayerNorm,
+  GELU, max-pool), then the 1x1 and the 3x3 conv, each with its norm at
   ``.norm``. ``backbone.net.*`` is the ViT, which the backbone loads; the
   heads sit outside the ``backbone.`` prefix.
 * ``vb``: the neck's own state dict.
