@@ -464,3 +464,15 @@ def test_generator_finds_the_same_families():
     model = VBToyNet(out_indices=(1, 3)).eval()
     assert [tuple(o.shape) for o in model(torch.rand(1, 3, 32, 32))] == [
         (1, 4, 4, 4), (1, 4, 1, 1)]
+
+
+def test_neck_options_documented_with_defaults():
+    """The necks' tables (vb_plugin.necks.NECKS) are checked as the
+    families' are."""
+    from vb_plugin.necks import NECKS
+    assert [cls.__name__ for cls in NECKS] == ['VBSimpleFeaturePyramid']
+    for cls in NECKS:
+        rows = option_table(REFERENCE.read_text(), cls.__name__)
+        found = problems(expected_options(cls), rows)
+        assert not found, (f'docs/reference.md, {cls.__name__}:\n  ' +
+                           '\n  '.join(found))

@@ -1,11 +1,13 @@
 """vb_plugin: backbones for MMDetection 3.x with one contract across families.
 
 ``import vb_plugin`` (or ``custom_imports=dict(imports=['vb_plugin'])`` in a
-config) registers the backbones in mmengine's root ``MODELS`` registry, so
-``backbone=dict(type='VBResNet', ...)`` builds under mmdet's default scope.
+config) registers the backbones and the neck (``VBSimpleFeaturePyramid``) in
+mmengine's root ``MODELS`` registry, so ``backbone=dict(type='VBResNet',
+...)`` builds under mmdet's default scope.
 """
 from . import engine  # noqa: F401  (registers RNGStateHook)
 from .models import FAMILIES, VBBackbone
+from .necks import VBSimpleFeaturePyramid
 from .deploy import export_onnx
 from .inference import optimize_for_inference
 from .version import __version__
@@ -21,6 +23,6 @@ install_build_hook()
 globals().update(FAMILIES)
 
 __all__ = [
-    'VBBackbone', *FAMILIES, 'CheckpointError', 'LoadReport', 'export_onnx',
+    'VBBackbone', *FAMILIES, 'VBSimpleFeaturePyramid', 'CheckpointError', 'LoadReport', 'export_onnx',
     'optimize_for_inference', 'load_pretrained', 'wire_model', '__version__'
 ]

@@ -1,7 +1,8 @@
 """The reference tables of the backbone families, made from their code.
 
-docs/reference.md has one option table per family and docs/pretrained.md a
-table of the checkpoint layouts each family recognises. Both are made here,
+docs/reference.md has one option table per family (and per neck of
+:mod:`vb_plugin.necks`) and docs/pretrained.md a table of the checkpoint
+layouts each family and neck recognises. Both are made here,
 so a new family gets its rows without hand edits and the pages cannot drift
 from the code:
 
@@ -30,6 +31,7 @@ from typing import (Callable, Dict, Iterable, List, Mapping, NamedTuple,
 from mmengine.registry import MODELS
 
 from .models.base import FAMILY_SET, VBBackbone
+from .necks import NECKS
 
 __all__ = [
     'Block', 'args_section', 'checkpoint_layouts', 'contract_options',
@@ -277,8 +279,8 @@ def meanings(cls: type) -> Dict[str, str]:
     found = {}
     for name, param in wanted.items():
         for owner in cls.__mro__:
-            if not (isinstance(owner, type) and issubclass(owner,
-                                                           VBBackbone)):
+            if owner is not cls and not (isinstance(owner, type) and
+                                         issubclass(owner, VBBackbone)):
                 continue
             entries = (own if owner is cls else args_section(
                 owner.__dict__.get('__doc__'), owner.__name__))
@@ -571,19 +573,23 @@ def render(text: str, blocks: Sequence[Block]) -> str:
     return text
 
 
-def reference_blocks(families: Sequence[type]) -> List[Block]:
+def reference_blocks(families: Sequence[type],
+                     necks: Sequence[type] = NECKS) -> List[Block]:
     """The blocks of docs/reference.md: the option table of
-    :class:`VBBackbone` (the contract), then of each family."""
+    :class:`VBBackbone` (the contract), then of each family, then of each
+    neck (:data:`vb_plugin.necks.NECKS`)."""
     return [Block(f'options {cls.__name__}', f'## `{cls.__name__}`',
-                  option_table(cls)) for cls in [VBBackbone, *families]]
+                  option_table(cls))
+            for cls in [VBBackbone, *families, *necks]]
 
 
 def pretrained_blocks(families: Sequence[type],
                       examples: Optional[Mapping[str, Mapping]] = None
                       ) -> List[Block]:
-    """The block of docs/pretrained.md: the table of checkpoint layouts."""
+    """The block of docs/pretrained.md: the table of checkpoint layouts of
+    the families, then of the necks."""
     return [Block('layouts', '## Checkpoint layouts',
-                  layouts_table(families, examples))]
+                  layouts_table([*families, *NECKS], examples))]
 
 
 #: Each page made here and how its blocks are made.

@@ -142,10 +142,20 @@ def _check_neck_channels(model: dict,
 
 # ----------------------------------------------------------------------
 # Strides.
+def _neck_class(neck: dict, registry: Registry):
+    try:
+        return _backbone_class(neck, registry)
+    except KeyError:
+        return None
+
+
 def neck_out_strides(neck: Optional[dict],
-                     in_strides: Sequence[float]) -> Optional[List[float]]:
+                     in_strides: Sequence[float],
+                     registry: Registry = MODELS) -> Optional[List[float]]:
     """Strides of a neck's outputs, for the necks whose geometry follows
-    from their config (FPN, PAFPN, ChannelMapper); None for others.
+    from their config (FPN, PAFPN, ChannelMapper, and a neck class with a
+    ``strides_from_config(cfg, in_strides)`` classmethod, as
+    ``VBSimpleFeaturePyramid``); None for others.
 
     Without a neck the head sees the backbone's own strides.
 
@@ -155,12 +165,23 @@ def neck_out_strides(neck: Optional[dict],
         >>> neck_out_strides(dict(type='FPN', start_level=1, num_outs=5),
         ...                  [4, 8, 16, 32])
         [8, 16, 32, 64, 128]
+        >>> import vb_plugin  # noqa: F401
+        >>> neck_out_strides(dict(type='VBSimpleFeaturePyramid',
+        ...                       in_channels='auto', num_outs=5), [16])
+        [4, 8, 16, 32, 64]
     """
     strides = list(in_strides)
     if neck is None:
         return strides
-    if not isinstance(neck, dict) or _short_type(neck) not in _STRIDED_NECKS:
+    if not isinstance(neck, dict):
         return None
+    if _short_type(neck) not in _STRIDED_NECKS:
+        # NOTE: a neck that states its geometry (found in the registry, so
+        # this floor imports no neck).
+        from_config = getattr(_neck_class(neck, registry),
+                              'strides_from_config', None)
+        out = from_config(neck, strides) if callable(from_config) else None
+        return None if out is None else list(out)
     if _short_type(neck) == 'ChannelMapper':
         used = strides
         num_outs = neck.get('num_outs') or len(used)
@@ -234,14 +255,15 @@ def _fmt(strides: Sequence[float]) -> str:
 
 
 def _check_strides(model: dict, backbone_name: str,
-                   backbone: torch.nn.Module) -> None:
+                   backbone: torch.nn.Module,
+                   registry: Registry = MODELS) -> None:
     in_strides = getattr(backbone, 'out_strides', None)
     if in_strides is None:
         return
     neck = model.get('neck')
     if isinstance(neck, (list, tuple)):
         neck = neck[0] if len(neck) == 1 else 'unknown'
-    given = neck_out_strides(neck, in_strides)
+    given = neck_out_strides(neck, in_strides, registry)
     if given is None:
         return
     via = ('' if neck is None else
@@ -328,7 +350,7 @@ def wire_model(model: dict, registry: Registry = MODELS
         _check_neck_channels(model, name, None)
         return None
     channels = _check_neck_channels(model, name, backbone)
-    _check_strides(model, name, backbone)
+    _check_strides(model, name, backbone, registry)
     _check_size_divisor(model, name, backbone)
     return channels
 

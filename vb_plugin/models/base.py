@@ -26,21 +26,18 @@ Everything that cuts across families is here, written once:
 import copy
 import inspect
 from abc import ABCMeta, abstractmethod
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
 from mmdet.utils import OptConfigType
-from mmengine.model import BaseModule
 from torch import nn
 
 from ..checks import (check_frozen_stages, check_int, resolve_out_indices,
                       round_up_to)
 from ..layers import check_norm_cfg, freeze_batch_norms, is_batch_norm
-
-if TYPE_CHECKING:
-    from ..weights.rules import WeightSource
+from ..weights.module import LoadableModule
 
 __all__ = ['FAMILY_SET', 'OptConfigType', 'VBBackbone', 'check_frozen_stages',
            'resolve_out_indices', 'round_up_to']
@@ -50,7 +47,7 @@ __all__ = ['FAMILY_SET', 'OptConfigType', 'VBBackbone', 'check_frozen_stages',
 FAMILY_SET = ('stage_channels', 'stage_strides')
 
 
-class VBBackbone(BaseModule, metaclass=ABCMeta):
+class VBBackbone(LoadableModule, metaclass=ABCMeta):
     """Base class of every vb_plugin backbone.
 
     A family passes its per-stage channels and strides, then implements
@@ -128,17 +125,12 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
     #: preprocessor's ``pad_size_divisor`` when a detector is built.
     size_divisor: int = 1
 
-    #: The checkpoint layouts the family loads (``WeightSource`` rule
-    #: tables of :mod:`vb_plugin.weights`), tried in order by
-    #: :func:`vb_plugin.load_pretrained`; empty: the family loads none.
-    weight_sources: Tuple['WeightSource', ...] = ()
-
     #: The family's initialisation (mmengine init configs) when
     #: ``init_cfg`` is None; None keeps each layer's own initialisation.
     default_init_cfg: Optional[Tuple[dict, ...]] = None
 
-    #: Regexes of state-dict keys a checkpoint may lack: layers that the
-    #: source models do not have. They keep their initial values.
+    #: Output norms and BN counters: layers the source models lack
+    #: (:attr:`LoadableModule.new_layer_patterns`).
     new_layer_patterns: Tuple[str, ...] = (r'^out_norms\.',
                                            r'\.num_batches_tracked$')
 
@@ -313,6 +305,12 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
                      for name in (*self.stage_module_names(i),
                                   f'out_norms.{i}'))
 
+    def unused_output_prefixes(self) -> Tuple[str, ...]:
+        """The output norms of built stages that are not outputs (a detector
+        trained with other ``out_indices`` has them)."""
+        return tuple(f'out_norms.{i}.' for i in range(self.num_built_stages)
+                     if i not in self.out_indices)
+
     def stem_modules(self) -> List[nn.Module]:
         return [self.get_submodule(n) for n in self._stem_names]
 
@@ -451,84 +449,8 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
         return tuple(outs)
 
     # ------------------------------------------------------------------
-    # Weights.
-    def _split_init_cfg(self) -> Tuple[Optional[dict], list]:
-        """The ``init_cfg`` entry of type 'Pretrained' (or None) and the
-        others, from a dict or a list of dicts."""
-        cfg = self.init_cfg
-        entries = list(cfg) if isinstance(cfg, (list, tuple)) else (
-            [] if cfg is None else [cfg])
-        pretrained = [c for c in entries
-                      if isinstance(c, dict) and c.get('type') == 'Pretrained']
-        if len(pretrained) > 1:
-            raise ValueError(
-                f'init_cfg has {len(pretrained)} entries of type='
-                "'Pretrained'; give one checkpoint (got "
-                f"{[c.get('checkpoint') for c in pretrained]})")
-        others = [c for c in entries if not any(c is p for p in pretrained)]
-        return (pretrained[0] if pretrained else None), others
-
-    def pretrained_init_cfg(self) -> Optional[dict]:
-        """The ``init_cfg`` of type 'Pretrained', checked, or None. It may be
-        ``init_cfg`` itself or one entry of a list.
-
-        Raises:
-            ValueError: On keys other than checkpoint, prefix and source,
-                without a checkpoint, or with two such entries in a list.
-        """
-        cfg = self._split_init_cfg()[0]
-        if cfg is None:
-            return None
-        extra = set(cfg) - {'type', 'checkpoint', 'prefix', 'source'}
-        if extra:
-            raise ValueError(
-                f'init_cfg: unknown keys {sorted(extra)} for '
-                "type='Pretrained'; allowed: checkpoint, prefix, source")
-        if 'checkpoint' not in cfg:
-            raise ValueError("init_cfg of type='Pretrained' needs "
-                             "'checkpoint' (a file path)")
-        return cfg
-
-    def init_weights(self) -> None:
-        """Initialise; ``init_cfg`` of type 'Pretrained' loads strictly.
-
-        mmengine's own ``PretrainedInit`` loads with ``strict=False`` and
-        would silently skip mismatched keys; a pretrained ``init_cfg`` (alone
-        or as one entry of a list) is therefore routed through
-        :meth:`load_pretrained_init_cfg`. Every other ``init_cfg`` (e.g.
-        ``dict(type='Kaiming', layer='Conv2d')``) is applied by mmengine, then
-        :meth:`init_default_weights` runs, then the pretrained weights load
-        (mmengine's order: pretrained last).
-        """
-        cfg = self.pretrained_init_cfg()
-        if cfg is None:
-            super().init_weights()
-            self.init_default_weights()
-            return
-        full, others = self.init_cfg, self._split_init_cfg()[1]
-        try:
-            self.init_cfg = others or None
-            if others:
-                super().init_weights()
-            self.init_default_weights()
-            self.load_pretrained_init_cfg(cfg)
-        finally:
-            self.init_cfg = full
-        self._is_init = True
-
-    def load_pretrained_init_cfg(self, cfg: dict) -> None:
-        """Family hook: load the checked ``init_cfg`` of type 'Pretrained'
-        strictly; by default through :func:`vb_plugin.load_pretrained`."""
-        from ..weights import load_pretrained
-        load_pretrained(self, cfg['checkpoint'],
-                        source=cfg.get('source', 'auto'),
-                        prefix=cfg.get('prefix'))
-
-    def load_hint(self, source: str) -> str:
-        """Family hook: a hint appended to the error of a strict load from
-        layout ``source`` that does not fit (e.g. the arch that would)."""
-        return ''
-
+    # Weights: LoadableModule routes a pretrained init_cfg through the
+    # strict loader; load_hint and init_default_weights are family hooks.
     # ------------------------------------------------------------------
     # Inference and export forms.
     def set_fast_layers(self, enable: bool = True) -> None:
@@ -617,13 +539,6 @@ class VBBackbone(BaseModule, metaclass=ABCMeta):
             raise self.no_layer_decay()
         return dict(decay_rate=decay_rate, decay_type='layer_wise',
                     num_layers=self.lr_decay_num_layers)
-
-    def init_default_weights(self) -> None:
-        """Family hook run after the default init (e.g. zero-init residuals).
-
-        Also run before pretrained weights are loaded, so layers that the
-        checkpoint lacks (``new_layer_patterns``) get their intended values.
-        """
 
 
 def _without_var_keyword(signature: inspect.Signature) -> inspect.Signature:

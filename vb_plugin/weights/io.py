@@ -6,8 +6,18 @@ that is not allow-listed, or with safetensors. The allow-list
 :data:`SAFE_GLOBALS` holds exactly the types that mmengine's Runner writes
 into its checkpoints (numpy arrays and scalars in ``meta``, ``HistoryBuffer``
 in ``message_hub``), so detector checkpoints trained with mmdet load too.
+
+detectron2's model-zoo files (``.pkl``: ``{'model': {name: numpy array},
+'__author__': ..., 'matching_heuristics': ...}``, pickled without torch) are
+read by :class:`NumpyUnpickler`, which constructs numpy arrays, dtypes and
+scalars and nothing else: any other global (``os.system``, ``eval``, a
+class) raises :class:`CheckpointError` naming it, before it is called. The
+arrays become torch tensors (``torch.from_numpy``). ``pickle.load`` and
+``torch.load(weights_only=False)`` are never used.
 """
+import io
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -81,6 +91,77 @@ SAFE_GLOBALS = [
                                   np.bool_)},
 ]
 
+#: What :class:`NumpyUnpickler` may construct: ``(module, name)`` -> object.
+#: numpy 1 writes ``numpy.core.multiarray``, numpy 2 ``numpy._core``.
+NUMPY_GLOBALS = {
+    **{(module, fn.__name__): fn
+       for module in ('numpy.core.multiarray', 'numpy._core.multiarray')
+       for fn in (_multiarray._reconstruct, _multiarray.scalar)},
+    ('numpy', 'ndarray'): np.ndarray,
+    ('numpy', 'dtype'): np.dtype,
+}
+
+
+class NumpyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, dtypes and scalars in plain containers, and
+    refuses every other global.
+
+    Example:
+        >>> import pickle
+        >>> data = pickle.dumps({'w': np.ones(2, np.float32), 'n': 'x'})
+        >>> NumpyUnpickler(io.BytesIO(data)).load()['w']
+        array([1., 1.], dtype=float32)
+        >>> NumpyUnpickler(io.BytesIO(pickle.dumps(print))).load()
+        Traceback (most recent call last):
+            ...
+        vb_plugin.weights.io.CheckpointError: refused to unpickle the global builtins.print: a .pkl checkpoint may hold numpy arrays, dtypes and scalars only
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = NUMPY_GLOBALS.get((module, name))
+        if found is None:
+            raise CheckpointError(
+                f'refused to unpickle the global {module}.{name}: a .pkl '
+                'checkpoint may hold numpy arrays, dtypes and scalars only')
+        return found
+
+
+def _numpy_to_torch(obj: Any) -> Any:
+    """Numpy arrays (and scalars) of ``obj``'s dicts, lists and tuples as
+    torch tensors; everything else as it is."""
+    if isinstance(obj, (np.ndarray, np.generic)):
+        # NOTE: copy: an unpickled array may be read-only (and
+        # torch.from_numpy warns on those) or not contiguous.
+        return torch.from_numpy(np.array(obj))
+    if isinstance(obj, Mapping):
+        return {k: _numpy_to_torch(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_numpy_to_torch(v) for v in obj)
+    return obj
+
+
+def read_pkl(path: PathLike) -> Any:
+    """Read a detectron2-style ``.pkl`` file with :class:`NumpyUnpickler`;
+    numpy arrays become torch tensors.
+
+    Raises:
+        CheckpointError: If the file needs a global other than numpy's
+            arrays, dtypes and scalars, or is not a pickle.
+    """
+    data = Path(path).read_bytes()
+    try:
+        # NOTE: encoding='latin1': detectron2's older files were pickled by
+        # Python 2, whose numpy arrays hold their bytes as str.
+        obj = NumpyUnpickler(io.BytesIO(data), encoding='latin1').load()
+    except CheckpointError as err:
+        raise CheckpointError(f'{str(path)!r}: {err}') from err
+    except Exception as err:  # noqa: BLE001 - re-raised with context
+        raise CheckpointError(
+            f'could not unpickle {str(path)!r} as numpy arrays: {err}') \
+            from err
+    return _numpy_to_torch(obj)
+
+
 _URL = re.compile(r'^[a-z][a-z0-9+.-]*://', re.IGNORECASE)
 
 
@@ -124,11 +205,14 @@ def resolve_checkpoint_path(checkpoint: PathLike) -> Path:
 
 
 def read_checkpoint(checkpoint: PathLike, map_location: Any = 'cpu') -> Any:
-    """Read a ``.pth``/``.pt``/``.bin``/``.ckpt`` or ``.safetensors`` file.
+    """Read a ``.pth``/``.pt``/``.bin``/``.ckpt``, ``.safetensors`` or
+    detectron2 ``.pkl`` file.
 
-    Pickled files are read with ``weights_only=True`` and the
-    :data:`SAFE_GLOBALS` allow-list; a file that needs anything else (for
-    example, one that tries to run code) is refused before it runs.
+    Pickled torch files are read with ``weights_only=True`` and the
+    :data:`SAFE_GLOBALS` allow-list, ``.pkl`` files with
+    :func:`read_pkl` (numpy arrays only, returned as tensors); a file that
+    needs anything else (for example, one that tries to run code) is
+    refused before it runs.
 
     Args:
         checkpoint (str | Path): See :func:`resolve_checkpoint_path`.
@@ -142,6 +226,8 @@ def read_checkpoint(checkpoint: PathLike, map_location: Any = 'cpu') -> Any:
         from safetensors.torch import load_file
         device = map_location if isinstance(map_location, str) else 'cpu'
         return load_file(str(path), device=device)
+    if path.suffix == '.pkl':
+        return read_pkl(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location,

@@ -1,4 +1,5 @@
-"""Strict, explained loading of pretrained weights into a VB backbone."""
+"""Strict, explained loading of pretrained weights into a VB backbone or
+neck."""
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -100,7 +101,9 @@ def load_pretrained(model: nn.Module,
     loaded and :class:`CheckpointError` lists the problems.
 
     Args:
-        model (VBBackbone): The backbone.
+        model (LoadableModule): A backbone (:class:`VBBackbone`) or a neck
+            (:class:`VBSimpleFeaturePyramid`): its ``weight_sources`` and
+            loader hooks (:class:`vb_plugin.weights.module.LoadableModule`).
         checkpoint (str | Path | Mapping): A local file, a
             ``torchvision://`` or URL address already in torch's hub cache,
             or a checkpoint in memory (a state dict, or a dict holding one
@@ -132,8 +135,8 @@ def load_pretrained(model: nn.Module,
         >>> report.checkpoint
         '<in memory>'
     """
-    # NOTE: getattr: any module declaring weight_sources loads, not only
-    # VBBackbone subclasses (which declare it, empty by default).
+    # NOTE: getattr: a module that is not a LoadableModule (which declares
+    # the layouts and the hooks used below, with defaults) is refused here.
     sources = getattr(model, 'weight_sources', ())
     if not sources:
         raise CheckpointError(f'{type(model).__name__} declares no '
@@ -157,10 +160,10 @@ def load_pretrained(model: nn.Module,
     not_built = [k for k in converted if k.startswith(unbuilt)]
     if not_built:
         dropped['stage not built (past the last out_indices)'] = not_built
-    # Output norms of built stages that are not outputs (a detector trained
-    # with other out_indices has them).
-    not_output = tuple(f'out_norms.{i}.' for i in range(
-        model.num_built_stages) if i not in model.out_indices)
+    # Built layers that are not used (a backbone's output norms of stages
+    # that are not outputs: a detector trained with other out_indices has
+    # them).
+    not_output = tuple(model.unused_output_prefixes())
     unused_norms = [k for k in converted
                     if k not in target and k.startswith(not_output)]
     if unused_norms:
@@ -187,7 +190,7 @@ def load_pretrained(model: nn.Module,
                            ('wrong shape', mismatched)):
             if keys:
                 problems.append(f'  {what}: {len(keys)} {_sample(keys)}')
-        hint = getattr(model, 'load_hint', lambda source: '')(layout.name)
+        hint = model.load_hint(layout.name)
         if hint:
             problems.append(f'  hint: {hint}')
         raise CheckpointError(
