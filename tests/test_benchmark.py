@@ -150,6 +150,57 @@ def test_neck_and_train_modes(tmp_path, mode):
         assert out['rows'][-1].max_abs_diff <= 1e-4
 
 
+def test_vitdet_rows_are_the_windowed_and_the_global_vit_b():
+    """vitdet_b16: ViTDet-B's backbone (window 14, global blocks 2, 5, 8,
+    11) next to the same backbone with every block global, same tables."""
+    assert 'vitdet_b16' in bm.ARCHITECTURES
+    rows = bm.make_rows(['vitdet_b16'], forms=())
+    assert [(r.name, r.kind) for r in rows] == [
+        ('VB ViT-B/16 windowed (ViTDet)', 'vb'),
+        ('VB ViT-B/16 global attention', 'peer')]
+    windowed, global_ = (row.build() for row in rows)
+    assert [b.attn.window_size for b in windowed.body.model.blocks] == \
+        [14, 14, 0] * 4
+    assert [b.attn.window_size for b in global_.body.model.blocks] == [0] * 12
+    for model in (windowed, global_):
+        assert model.out_indices == (3, ) and tuple(model.out_channels) == (768, )
+        # NOTE: ViTDet-B's tables: 127 rows in global blocks (1024 / 16).
+        assert tuple(model.body.model.blocks[2].attn.rel_pos_h.shape) == (
+            127, 64)
+
+
+@pytest.mark.parametrize('mode', ['backbone', 'train'])
+def test_cli_vitdet_rows_at_a_small_size(tmp_path, capsys, mode):
+    tool = _load_tool()
+    out = tool.main(['--arch', 'vitdet_b16', '--mode', mode, '--size', '64',
+                     '96', '--warmup', '0', '--iters', '1', '--threads', '1',
+                     '--forms', '--no-progress', '--out-dir', str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert 'vitdet_b16: fastest peer VB ViT-B/16 global attention' in printed
+    rows = out['rows']
+    assert [r.kind for r in rows] == ['vb', 'peer']
+    for r in rows:
+        assert r.note == '' and math.isfinite(r.median_ms), r
+        assert r.gmacs > 0 and r.peak_mem_mb >= 0
+    if mode == 'train':
+        # NOTE: both freeze the stem and blocks 0-2 (frozen_stages=1), as
+        # every other architecture's training rows (the global form's
+        # tables are larger: 127 rows in every block).
+        for r, frozen in zip(rows, ('22,028,672', '22,054,272')):
+            assert r.frozen.startswith(f'frozen_stages=1: {frozen} of '), r
+
+
+def test_attention_macs_are_counted():
+    """Fused attention (timm's ViTs, the windowed form) is counted: q @ k^T
+    and attn @ v, next to the linear layers."""
+    from timm.layers.attention import Attention
+    attn = Attention(32, num_heads=2).eval()
+    tokens, dim = 50, 32
+    linear = tokens * dim * 3 * dim + tokens * dim * dim
+    _, gmacs = bm.count_complexity(attn, torch.rand(1, tokens, dim))
+    assert gmacs * 1e9 == linear + 2 * tokens * tokens * dim
+
+
 def test_failed_row_is_recorded_not_fatal(tmp_path):
     def broken(train=False):
         raise RuntimeError('boom')

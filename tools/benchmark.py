@@ -12,6 +12,7 @@ Examples:
         --device cuda
     python tools/benchmark.py --arch resnet50 convnext_tiny --device cuda \
         --batch 16 --forms optimized fp16 cuda-graph-fp16 compiled-fp16
+    python tools/benchmark.py --arch vitdet_b16 --size 1024 1024 --forms
     python tools/benchmark.py --arch timm:convnext_small \
         --forms optimized onnxruntime openvino openvino-bf16 openvino-int8
     python tools/benchmark.py \

@@ -51,12 +51,13 @@ def _mmdet(type_name: str, **kwargs) -> Callable[..., nn.Module]:
     return build
 
 
-def _vb(type_name: str, **kwargs) -> Callable[..., nn.Module]:
+def _vb(type_name: str, row_name: Optional[str] = None,
+        **kwargs) -> Callable[..., nn.Module]:
     def build(train: bool = False) -> nn.Module:
         import vb_plugin
         extra = dict(frozen_stages=1, norm_eval=True) if train else {}
         return getattr(vb_plugin, type_name)(**kwargs, **extra)
-    build.row_name = type_name
+    build.row_name = row_name or type_name
     return build
 
 
@@ -116,6 +117,21 @@ def _convnext_peers(arch: str) -> List[Tuple[str, Callable, str]]:
     ]
 
 
+#: ViTDet-B's backbone (Li et al. 2022): ViT-B/16 with decomposed relative
+#: positions, the global blocks' tables sized for 1024x1024.
+VITDET_B16 = dict(model_name='vit_base_patch16_224', rel_pos=True,
+                  rel_pos_img_size=1024, drop_path_rate=0.1, pyramid=None,
+                  out_indices=(3, ))
+
+
+def _vitdet(window_size: int,
+            row_name: str) -> Callable[..., nn.Module]:
+    """ViTDet-B's backbone, windowed (``window_size=14``: ViTDet's global
+    blocks 2, 5, 8, 11) or with every block global (0), same tables."""
+    return _vb('VBTimmBackbone', row_name, window_size=window_size,
+               **VITDET_B16)
+
+
 def _importable(name: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(name) is not None
@@ -138,6 +154,12 @@ ARCHITECTURES = {
     'regnetx_3.2gf': (_vb('VBRegNet', arch='regnetx_3.2gf'), [
         ('mmdet RegNet', _mmdet('RegNet', arch='regnetx_3.2gf'), 'mmdet'),
         ('timm regnetx_032', _timm('regnetx_032'), 'timm'),
+    ]),
+    # NOTE: the peer is the same backbone with every block global: what the
+    # window attention saves (time it at ViTDet's --size 1024 1024).
+    'vitdet_b16': (_vitdet(14, 'VB ViT-B/16 windowed (ViTDet)'), [
+        ('VB ViT-B/16 global attention',
+         _vitdet(0, 'VB ViT-B/16 global attention'), 'timm'),
     ]),
 }
 
