@@ -5,7 +5,9 @@ SAM-ViT at its pretraining size, with timm's EVA attention per window; the
 checkpoint layouts; errors; export.
 """
 import math
+import pickle
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -370,6 +372,35 @@ def test_swin_is_refused_with_what_is_supported():
 
 # ----------------------------------------------------------------------
 # Checkpoints.
+def test_detectron2_vitdet_layout_loads_strictly(tmp_path):
+    """detectron2's model-zoo layout: the ViT under backbone.net., the
+    pyramid under backbone.simfp_*, the heads outside backbone."""
+    source = randomize(windowed_vit(), seed=7)
+    state = {f'backbone.net.{k}': v.numpy()
+             for k, v in vit_state(source).items()}
+    state['backbone.simfp_2.0.weight'] = np.zeros((64, 32, 2, 2), 'f4')
+    state['roi_heads.box_predictor.cls_score.weight'] = np.zeros((81, 8),
+                                                                 'f4')
+    path = tmp_path / 'model_final.pkl'
+    with open(path, 'wb') as f:
+        pickle.dump({'model': state, '__author__': 'test'}, f)
+    model = windowed_vit()
+    report = load_pretrained(model, str(path), verbose=False)
+    assert report.source == 'detectron2-vitdet'
+    assert report.dropped == {
+        "outside prefix 'backbone.'": [
+            'roi_heads.box_predictor.cls_score.weight'],
+        'the simple feature pyramid (VBSimpleFeaturePyramid loads it)': [
+            'simfp_2.0.weight']}
+    assert report.kept_initial == []
+    image = torch.rand(1, 3, 160, 224)
+    with torch.no_grad():
+        assert max_abs_diff(model.eval()(image), source.eval()(image)) == 0
+
+
+
+
+
 def test_mmdet_vitdet_layout_loads_strictly(save_state):
     source = randomize(windowed_vit(), seed=8)
     state = {f'backbone.{k}': v for k, v in vit_state(source).items()}
@@ -487,3 +518,64 @@ def test_windowed_vit_exports_with_dynamic_size():
     with torch.no_grad():
         ref, = model(x)
     assert max_abs_diff(ref, torch.from_numpy(outs[0])) <= 1e-4
+
+
+# ----------------------------------------------------------------------
+# In mmdet's Mask R-CNN, with ViTDet's neck.
+TOY_VITDET = (Path(__file__).resolve().parents[1]
+              / 'configs/mask_rcnn/mask-rcnn_vb-vitdet-tiny_toy.py')
+
+
+@pytest.fixture(scope='module')
+def toy_vitdet():
+    from vb_plugin.apis import build_detector, load_config
+    cfg = load_config(str(TOY_VITDET))
+    return cfg, build_detector(cfg, pretrained=False)
+
+
+def test_windowed_vit_trains_in_mmdets_mask_rcnn(toy_vitdet):
+    """mmdet's Mask R-CNN built through mmdet's registry from the toy
+    ViTDet config: the neck's in_channels='auto' wired from the backbone,
+    strides 4..64 for mmdet's RPN and RoI heads, one training step at a
+    non-square size with every loss finite."""
+    from conftest import checked_train_step
+    from vb_plugin.apis import synthetic_detection_batch
+    cfg, model = toy_vitdet
+    assert type(model).__name__ == 'MaskRCNN'
+    assert type(model.neck).__name__ == 'VBSimpleFeaturePyramid'
+    assert model.backbone.out_channels == (96, )
+    assert model.backbone.out_strides == (16, )
+    assert list(cfg.model.neck.in_channels) == [96]
+    batch = synthetic_detection_batch(num_images=2, size=(160, 224),
+                                      num_classes=3)
+    data = model.data_preprocessor(batch, training=False)
+    with torch.no_grad():
+        feats = model.extract_feat(data['inputs'])
+    assert [tuple(f.shape[-2:]) for f in feats] == [
+        (40, 56), (20, 28), (10, 14), (5, 7), (3, 4)]
+    assert all(f.shape[1] == 64 for f in feats)
+    losses, preds, _ = checked_train_step(model, batch)
+    assert len(preds) == 2
+
+
+def test_layer_decay_groups_per_block(toy_vitdet):
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import init_default_scope
+    cfg, model = toy_vitdet
+    init_default_scope('mmdet')
+    optim_cfg = cfg.optim_wrapper.copy()
+    optim = build_optim_wrapper(model, optim_cfg)
+    base_lr, rate, n = 2e-4, 0.7, 4
+    group_of = {id(p): g for g in optim.optimizer.param_groups
+                for p in g['params']}
+    params = dict(model.named_parameters())
+    for name, layer_id in [
+        ('backbone.body.model.pos_embed', 0),
+        ('backbone.body.model.patch_embed.proj.weight', 0),
+        ('backbone.body.model.blocks.0.attn.rel_pos_h', 1),
+        ('backbone.body.model.blocks.2.attn.qkv.weight', 3),
+        ('backbone.body.model.blocks.3.attn.rel_pos_w', 4),
+        ('neck.levels.p4.0.weight', 5),
+    ]:
+        assert group_of[id(params[name])]['lr'] == pytest.approx(
+            base_lr * rate**(n + 1 - layer_id), rel=1e-12), name

@@ -14,7 +14,7 @@ _base_ = [
 custom_imports = dict(imports=['vb_plugin'], allow_failed_imports=False)
 
 image_size = (1024, 1024)
-norm_cfg = dict(type='LN2d', requires_grad=True)
+norm_cfg = dict(type='LN2d', eps=1e-6, requires_grad=True)
 
 model = dict(
     data_preprocessor=dict(

@@ -5,7 +5,7 @@
 # layer-wise lr decay by block (the plain-ViT toy's optimizer).
 _base_ = './mask-rcnn_vb-vit-tiny_fpn_toy.py'
 
-norm_cfg = dict(type='LN2d', requires_grad=True)
+norm_cfg = dict(type='LN2d', eps=1e-6, requires_grad=True)
 model = dict(
     backbone=dict(
         _delete_=True,
