@@ -65,7 +65,15 @@ def toy_image(data_root) -> str:
 
 def neck_in_channels(neck):
     """Input channels of the built neck's per-level convs (FPN's lateral
-    convs, ChannelMapper's convs)."""
+    convs, ChannelMapper's convs; VBSimpleFeaturePyramid's one map, read
+    from the first conv of each of its levels)."""
+    from vb_plugin import VBSimpleFeaturePyramid
+    if isinstance(neck, VBSimpleFeaturePyramid):
+        widths = {next(m.in_channels for m in level
+                       if hasattr(m, 'in_channels'))
+                  for level in neck.levels.values()}
+        assert widths == {neck.in_channels}, widths
+        return [neck.in_channels]
     convs = getattr(neck, 'lateral_convs', None) or neck.convs
     return [c.conv.in_channels for c in convs]
 

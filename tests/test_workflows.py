@@ -264,7 +264,15 @@ def test_sync_bn_config_checks():
                 setup_runner_config(cfg, str(config), launcher='pytorch')
 
 
-@pytest.mark.parametrize('config', CONFIGS,
+# NOTE: the ViTDet-B COCO configs train a full ViT-B at 1024x1024 LSJ: about
+# 3 min per step on 2 CPU cores, so they run with the slow tests (their
+# build and inference stay in tests/test_entry_points.py's fast ones).
+STEP_CONFIGS = [pytest.param(p, marks=pytest.mark.slow)
+                if 'vitdet' in p.stem and 'lsj' in p.stem else p
+                for p in CONFIGS]
+
+
+@pytest.mark.parametrize('config', STEP_CONFIGS,
                          ids=[p.stem for p in CONFIGS])
 def test_every_config_builds_and_trains_one_step(config):
     cfg = load_config(str(config))
