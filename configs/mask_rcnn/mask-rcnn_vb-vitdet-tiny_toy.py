@@ -7,17 +7,13 @@ _base_ = './mask-rcnn_vb-vit-tiny_fpn_toy.py'
 
 norm_cfg = dict(type='LN2d', eps=1e-6, requires_grad=True)
 model = dict(
+    # The plain-ViT toy's backbone, in the windowed form.
     backbone=dict(
-        _delete_=True,
-        type='VBTimmBackbone',
-        model_name='vit_tiny_patch16_224',
-        model_kwargs=dict(depth=4, embed_dim=96, num_heads=3),
         window_size=4,
         global_blocks=(1, 3),
         rel_pos=True,
         pyramid=None,
-        out_indices=(3, ),
-        init_cfg=None),
+        out_indices=(3, )),
     neck=dict(
         _delete_=True,
         type='VBSimpleFeaturePyramid',
